@@ -1,0 +1,37 @@
+# Everything runs from the project's own virtualenv; `make test` and `make serve` create it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install models test triton serve demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Small random-weight demo models, built offline; skipped for what is already there.
+models: $(STAMP)
+	$(BIN)/python -m export.demo_models
+
+test: models
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+triton: models
+	$(BIN)/python -m embedded.triton
+
+serve: models
+	$(BIN)/python -m embedded.stack
+
+demo: $(STAMP)
+	$(BIN)/python -m embedded.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf .run models model_repository/nsfw/1/model.onnx model_repository/nsfw/1/nsfw.json

@@ -1,0 +1,218 @@
+"""Run the tritonserver binary shipped in the nvidia-pytriton wheel on our own repository.
+
+The wheel carries Triton 2.51.0 (NGC 24.10) with the Python backend, but not laid out the way
+`--backend-directory` expects, so we assemble a backend folder with the stub built for the running
+Python. The stub takes its site-packages from the first `python3` on PATH (it ignores PYTHONPATH),
+so this interpreter's `bin/` goes first on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
+DEFAULT_WORKDIR = PROJECT_ROOT / ".run" / "triton"
+
+
+class TritonStartError(RuntimeError):
+    """The server exited or never became ready."""
+
+
+def _pytriton_dist() -> tuple[Path, Path]:
+    import pytriton  # imported lazily: only the launcher needs the wheel
+
+    package = Path(pytriton.__file__).resolve().parent
+    return package / "tritonserver", package.parent / "nvidia_pytriton.libs"
+
+
+def prepare_backends(workdir: Path) -> Path:
+    """Lay out `<workdir>/backends/python` with the stub for this interpreter; returns backends/."""
+    server_dir, _ = _pytriton_dist()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonStartError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    target = workdir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for source in [*(server_dir / "backends" / "python").glob("*.*"), stub]:
+        dest = target / source.name
+        if not dest.exists() or dest.stat().st_mtime < source.stat().st_mtime:
+            shutil.copy2(source, dest)
+    return workdir / "backends"
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process; usable as a context manager that waits until it is ready."""
+
+    repository: Path = DEFAULT_REPOSITORY
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    workdir: Path = DEFAULT_WORKDIR
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        server_dir, _ = _pytriton_dist()
+        return [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={prepare_backends(Path(self.workdir))}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-cpu-metrics=true",
+            "--exit-timeout-secs=20",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        _, libs = _pytriton_dist()
+        env = {**os.environ, **self.env}
+        env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        # The stub links libpython3.X.so by soname; without this it may find the system's copy
+        # (Debian's 3.11.2 here), older than this interpreter's stdlib extensions, and `import ssl`
+        # fails with an undefined symbol. This interpreter's own libpython goes first.
+        own_libpython = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (own_libpython, str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        return env
+
+    def start(self) -> TritonServer:
+        if self.process is not None:
+            raise TritonStartError("already started")
+        stdout = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        # A session of its own, so stop() can reach the backend stubs through the process group.
+        self.process = subprocess.Popen(
+            self.command(),
+            env=self.environment(),
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout else None,
+            start_new_session=True,
+        )
+        if stdout:
+            stdout.close()
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 300.0) -> TritonServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TritonStartError(
+                    f"tritonserver exited with {self.process.returncode}"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
+            if self.is_ready():
+                return self
+            time.sleep(0.5)
+        raise TritonStartError(f"tritonserver not ready after {timeout:.0f}s")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton unloads models and stops its stubs), then SIGKILL what is left."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0fs; killing it", timeout)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stray stubs, if any
+        except ProcessLookupError:
+            pass
+        return proc.wait()
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--host", default=os.environ.get("TRITON_HOST", "127.0.0.1"))
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002))
+    )
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    server = TritonServer(
+        repository=args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        extra_args=extra,
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signum)
+
+    server.start()
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    assert server.process is not None
+    code = server.process.wait()
+    server.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

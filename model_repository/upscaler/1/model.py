@@ -1,0 +1,112 @@
+"""2x upscaling: Lanczos, or a learned super-resolution model loaded with spandrel."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from PIL import Image
+
+SCALES = (1, 2)
+
+
+class InvalidInput(ValueError):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.max_output_pixels = int(params.get("max_output_pixels", str(4096 * 4096)))
+        weights = os.environ.get("IMAGEGEN_UPSCALER_WEIGHTS") or params.get("weights", "")
+        self.net = None
+        kind, source = "lanczos", ""
+        if weights:
+            path = Path(weights)
+            if not path.is_absolute():
+                path = Path(args["model_repository"]) / path
+            gpu = args["model_instance_kind"] == "GPU"
+            self.device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+            self.net = self._load(path)
+            kind = f"spandrel-{self.net.architecture.id}-x{self.net.scale}"
+            source = str(path)
+
+        self.info_family = pb_utils.MetricFamily(
+            name="imagegen_model_info",
+            description="Which weights each imagegen model serves (demo=true: random weights)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.info = self.info_family.Metric(
+            labels={"model": "upscaler", "kind": kind, "source": source, "demo": "false", "status": "ok"}
+        )
+        self.info.set(1)
+        self.logger.log_info(f"upscaler: {kind}" + (f" from {source}" if source else ""))
+
+    def _load(self, path):
+        # A weights file that is configured but cannot be loaded fails the model: silently
+        # falling back to Lanczos would hide a broken deployment.
+        import spandrel
+
+        descriptor = spandrel.ModelLoader(device=self.device).load_from_file(str(path))
+        if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+            raise pb_utils.TritonModelException(f"{path} is not a single-image super-resolution model")
+        return descriptor.eval()
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                images, scales = self._inputs(request)
+                out = [self._upscale(image, scale) for image, scale in zip(images, scales)]
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("IMAGE", np.stack(out))]))
+            except InvalidInput as exc:
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                    )
+                )
+            except Exception as exc:
+                self.logger.log_error(f"upscaler: {type(exc).__name__}: {exc}")
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"upscaling failed: {exc}", pb_utils.TritonError.INTERNAL)
+                    )
+                )
+        return responses
+
+    def _inputs(self, request):
+        images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+        scales = pb_utils.get_input_tensor_by_name(request, "SCALE").as_numpy().reshape(-1)
+        if images.ndim != 4 or 0 in images.shape:
+            raise InvalidInput(f"IMAGE must be [batch, height, width, 3], got {list(images.shape)}")
+        if len(scales) != len(images):
+            raise InvalidInput(f"SCALE needs one value per image, got {len(scales)} for {len(images)}")
+        for scale in scales:
+            if int(scale) not in SCALES:
+                raise InvalidInput(f"SCALE must be 1 or 2, got {int(scale)}")
+        height, width = images.shape[1:3]
+        if int(scales.max()) ** 2 * height * width > self.max_output_pixels:
+            raise InvalidInput(f"output would exceed {self.max_output_pixels} pixels")
+        return images, [int(s) for s in scales]
+
+    def _upscale(self, image, scale):
+        if scale == 1:
+            return image
+        height, width = image.shape[:2]
+        if self.net is None:
+            return np.asarray(Image.fromarray(image).resize((width * 2, height * 2), Image.LANCZOS))
+        out = self._learned(image)
+        if out.shape[:2] != (height * 2, width * 2):
+            out = np.asarray(Image.fromarray(out).resize((width * 2, height * 2), Image.LANCZOS))
+        return out
+
+    def _learned(self, image):
+        import torch
+
+        with torch.inference_mode():
+            tensor = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float() / 255
+            out = self.net(tensor).clamp_(0, 1).mul_(255).round_()
+        return out[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
