@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,11 @@ def export_onnx(model: Any, spec: dict[str, Any], path: Path) -> None:
     height, width = spec["image_size"]
     dummy = torch.zeros(1, 3, height, width)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        # The TorchScript exporter gives a single self-contained file with named dynamic axes.
+    # The TorchScript exporter gives a single self-contained file with named dynamic axes; its
+    # deprecation and tracer warnings (shape checks frozen for the fixed input size) are expected.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model,
             (dummy,),
@@ -136,7 +140,14 @@ def export_onnx(model: Any, spec: dict[str, Any], path: Path) -> None:
 def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    # The quantizer narrates every tensor on the root logger at INFO.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
 
 
 def reference_scores(model_dir: str, images: Sequence[np.ndarray], label: str) -> np.ndarray:
@@ -189,7 +200,8 @@ def export(
 
     model_dir, demo = resolve_source(model)
     classifier = AutoModelForImageClassification.from_pretrained(model_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(model_dir, use_fast=False)
+    # The PIL processor: the one the served preprocessing (preprocess.py) reproduces.
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
     id2label = {int(k): v for k, v in classifier.config.id2label.items()}
     matches = [i for i, name in id2label.items() if name.lower() == label]
     if len(matches) != 1:

@@ -62,7 +62,7 @@ class TritonPythonModel:
         )
         self.info = self.info_family.Metric(
             labels={
-                "model": "diffusion",
+                "model": args["model_name"],
                 "kind": type(self.pipe).__name__,
                 "source": source,
                 "demo": "true" if demo else "false",
@@ -75,14 +75,14 @@ class TritonPythonModel:
             description="Denoising steps run",
             kind=pb_utils.MetricFamily.COUNTER,
         )
-        self.steps_counter = self.steps_family.Metric(labels={"model": "diffusion"})
+        self.steps_counter = self.steps_family.Metric(labels={"model": args["model_name"]})
         self.interrupted_family = pb_utils.MetricFamily(
             name="imagegen_diffusion_interrupted_total",
             description="Generations stopped early, by reason (cancelled, timeout)",
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.interrupted = {
-            reason: self.interrupted_family.Metric(labels={"model": "diffusion", "reason": reason})
+            reason: self.interrupted_family.Metric(labels={"model": args["model_name"], "reason": reason})
             for reason in ("cancelled", "timeout")
         }
         demo_note = " (DEMO: random weights, images are noise)" if demo else ""

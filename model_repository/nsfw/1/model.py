@@ -57,7 +57,7 @@ class TritonPythonModel:
             description="Which weights each imagegen model serves (demo=true: random weights)",
             kind=pb_utils.MetricFamily.GAUGE,
         )
-        self.info = self.info_family.Metric(labels={"model": "nsfw", **info})
+        self.info = self.info_family.Metric(labels={"model": args["model_name"], **info})
         self.info.set(1)
         demo_note = " (DEMO: random weights, scores mean nothing)" if info["demo"] == "true" else ""
         self.logger.log_info(

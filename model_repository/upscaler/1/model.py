@@ -40,7 +40,7 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.GAUGE,
         )
         self.info = self.info_family.Metric(
-            labels={"model": "upscaler", "kind": kind, "source": source, "demo": "false", "status": "ok"}
+            labels={"model": args["model_name"], "kind": kind, "source": source, "demo": "false", "status": "ok"}
         )
         self.info.set(1)
         self.logger.log_info(f"upscaler: {kind}" + (f" from {source}" if source else ""))

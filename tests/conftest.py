@@ -1,0 +1,56 @@
+"""Session-wide real servers: one Triton on the real model repository with the demo models."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
+from export.demo_models import DEMO_DIR, build  # noqa: E402
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_triton(repository: Path, workdir: Path, **kwargs: object) -> TritonServer:
+    """A ready TritonServer on free ports; the caller stops it."""
+    server = TritonServer(
+        repository=repository,
+        http_port=unused_port(),
+        grpc_port=unused_port(),
+        metrics_port=unused_port(),
+        workdir=workdir,
+        log_path=workdir / "triton.log",
+        **kwargs,  # type: ignore[arg-type]
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    server.start()
+    try:
+        return server.wait_ready(timeout=300)
+    except BaseException:
+        server.stop()
+        raise
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> Path:
+    """The demo models of `make models` (built here when a bare `pytest` runs first)."""
+    build()
+    return DEMO_DIR
+
+
+@pytest.fixture(scope="session")
+def triton(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    server = start_triton(DEFAULT_REPOSITORY, tmp_path_factory.mktemp("triton"))
+    yield server
+    server.stop()

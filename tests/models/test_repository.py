@@ -1,0 +1,30 @@
+"""The whole repository loads on the embedded Triton and says what it serves."""
+
+from __future__ import annotations
+
+import tritonclient.grpc as grpcclient
+
+from embedded.triton import TritonServer
+from tests.models.helpers import metric
+
+MODELS = ["diffusion", "upscaler", "nsfw", "txt2img", "txt2img_nsfw"]
+
+
+def test_every_model_and_ensemble_is_ready(triton: TritonServer) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    assert client.is_server_ready()
+    index = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert {name: index.get(name) for name in MODELS} == {name: "READY" for name in MODELS}
+
+
+def test_models_report_their_weights_and_demo_status(triton: TritonServer) -> None:
+    info = "imagegen_model_info"
+    assert metric(triton.metrics_url, info, model="diffusion", demo="true", status="ok") == 1
+    assert metric(triton.metrics_url, info, model="nsfw", kind="onnx-fp32", demo="true") == 1
+    assert metric(triton.metrics_url, info, model="upscaler", kind="lanczos", demo="false") == 1
+
+
+def test_nsfw_batches_dynamically(triton: TritonServer) -> None:
+    config = grpcclient.InferenceServerClient(triton.grpc_url).get_model_config("nsfw", as_json=True)
+    assert config["config"]["max_batch_size"] == 8
+    assert "dynamic_batching" in config["config"]
