@@ -107,8 +107,13 @@ def build_diffusion(target: Path) -> None:
             projection_dim=32,
         )
     )
+    # Stable Diffusion's own schedule, steps_offset included.
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
