@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from typing_extensions import Self
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +169,7 @@ class TritonServer:
             pass
         return proc.wait()
 
-    def __enter__(self) -> TritonServer:
+    def __enter__(self) -> Self:
         self.start()
         try:
             return self.wait_ready()
@@ -185,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--host", default=os.environ.get("TRITON_HOST", "127.0.0.1"))
-    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
-    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", "8000")))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", "8001")))
     parser.add_argument(
-        "--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002))
+        "--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", "8002"))
     )
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -12,8 +12,8 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from embedded.triton import DEFAULT_REPOSITORY, TritonServer  # noqa: E402
-from export.demo_models import DEMO_DIR, build  # noqa: E402
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer
+from export.demo_models import DEMO_DIR, build
 
 
 def unused_port() -> int:

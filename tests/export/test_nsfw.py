@@ -58,8 +58,16 @@ def test_a_hub_id_missing_from_the_cache_is_refused(
 
 
 def test_preprocessing_the_served_model_cannot_reproduce_is_refused() -> None:
-    base = dict(do_resize=True, size={"height": 224, "width": 224}, resample=2, do_rescale=True,
-                rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    base = {
+        "do_resize": True,
+        "size": {"height": 224, "width": 224},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
     assert preprocessing_spec(SimpleNamespace(**base))["image_size"] == [224, 224]
     with pytest.raises(ExportError, match="center cropping"):
         preprocessing_spec(SimpleNamespace(**base, do_center_crop=True))

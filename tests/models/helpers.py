@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from typing import Any
 
@@ -64,6 +65,21 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
     return total
 
 
-def executions(client: grpcclient.InferenceServerClient, model: str) -> int:
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return int(stats.get("execution_count", 0))
+def executions(client: grpcclient.InferenceServerClient, model: str, quiet_s: float = 0.5) -> int:
+    """A model's execution count once it has stopped moving for `quiet_s`.
+
+    Triton records statistics after it sends the response, and the session's server is shared,
+    so a count read straight after another request can still move.
+    """
+
+    def read() -> int:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        return int(stats.get("execution_count", 0))
+
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        time.sleep(0.1)
+        latest = read()
+        if latest != value:
+            value, since = latest, time.monotonic()
+    return value

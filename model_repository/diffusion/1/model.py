@@ -151,16 +151,16 @@ class TritonPythonModel:
         timeout_ms = json.loads(request.parameters() or "{}").get("timeout_ms")
         if timeout_ms is not None and (not isinstance(timeout_ms, int) or timeout_ms <= 0):
             raise InvalidInput(f"parameter timeout_ms must be a positive integer, got {timeout_ms!r}")
-        return dict(
-            prompt=prompt,
-            negative_prompt=negative,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            seed=seed,
-            timeout_s=None if timeout_ms is None else timeout_ms / 1000,
-        )
+        return {
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "width": width,
+            "height": height,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "seed": seed,
+            "timeout_s": None if timeout_ms is None else timeout_ms / 1000,
+        }
 
     def execute(self, requests):
         responses = []
@@ -174,7 +174,7 @@ class TritonPythonModel:
                 self.interrupted[exc.reason].increment(1)
                 self.logger.log_info(f"diffusion: {exc}")
                 responses.append(self._error(str(exc), pb_utils.TritonError.CANCELLED))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
                 self.logger.log_error(f"diffusion: {type(exc).__name__}: {exc}")
                 responses.append(self._error(f"generation failed: {exc}", pb_utils.TritonError.INTERNAL))
         return responses

@@ -68,7 +68,7 @@ class TritonPythonModel:
                         error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                     )
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
                 self.logger.log_error(f"upscaler: {type(exc).__name__}: {exc}")
                 responses.append(
                     pb_utils.InferenceResponse(
