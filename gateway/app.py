@@ -1,0 +1,85 @@
+"""The app factory: settings in, a Flask app with its clients built and attached out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+
+import urllib3
+from flask import Flask, Response, g, request
+
+from gateway import views
+from gateway.errors import register_error_handlers
+from gateway.metrics import Metrics
+from gateway.services import Services
+from gateway.settings import Settings
+from gateway.storage import RetryPolicy, Uploader
+from gateway.triton import TritonGateway
+
+
+def create_app(config: Settings | None = None) -> Flask:
+    """Build the gateway; without `config`, settings come from the `GATEWAY_*` environment."""
+    settings = config if config is not None else Settings.from_env(os.environ)
+    app = Flask(__name__)
+    # Werkzeug enforces it while reading, chunked bodies included, and answers 413.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the spec's field order
+    logging.getLogger("gateway").setLevel(settings.log_level)
+
+    metrics = Metrics(settings.metrics_dir)
+    http = urllib3.PoolManager(num_pools=4, maxsize=settings.threads, retries=False)
+    app.extensions["gateway"] = Services(
+        settings=settings,
+        metrics=metrics,
+        http=http,
+        triton=TritonGateway(
+            settings.triton_url,
+            settings.triton_metrics_url,
+            model=settings.triton_model,
+            nsfw_model=settings.triton_nsfw_model,
+            probe_timeout_s=settings.probe_timeout_s,
+            retry_after_s=settings.retry_after_s,
+            http=http,
+            metrics=metrics,
+        ),
+        uploader=Uploader(
+            policy=RetryPolicy(backoff=settings.upload_backoff),
+            timeout_s=settings.upload_timeout_s,
+            headers=settings.upload_headers,
+            ssl_context=_ssl_context(settings.upload_ca_bundle),
+            metrics=metrics,
+        ),
+    )
+    register_error_handlers(app)
+    app.register_blueprint(views.bp)
+    _count_requests(app, metrics)
+    return app
+
+
+def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
+    if ca_bundle is None:
+        try:
+            import certifi
+
+            ca_bundle = certifi.where()
+        except ImportError:
+            return ssl.create_default_context()
+    return ssl.create_default_context(cafile=ca_bundle)
+
+
+def _count_requests(app: Flask, metrics: Metrics) -> None:
+    @app.before_request
+    def _start() -> None:
+        g.gateway_started = time.perf_counter()
+
+    @app.after_request
+    def _record(response: Response) -> Response:
+        # The route pattern, never the raw path: unknown paths must not mint new series.
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.http_requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        started = g.get("gateway_started")
+        if started is not None:
+            metrics.http_latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response

@@ -1,0 +1,132 @@
+"""The gateway's exceptions and the handlers that turn every failure into one JSON shape.
+
+`{"error": {"code", "message", "field"?}}`: clients branch on `code`, show `message`, and
+`field` names the request field at fault. An `UploadFailed` also carries the `data` block, so a
+client whose upload failed still learns the hash, the score and the storage's status.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after: int | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+        self.data = data
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        body: dict[str, Any] = {"error": error}
+        if self.data is not None:
+            body["data"] = self.data
+        return body
+
+
+class InvalidRequest(GatewayError):
+    status, code = 400, "invalid_request"
+
+
+class PayloadTooLarge(GatewayError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, code = 415, "unsupported_media_type"
+
+
+class Overloaded(GatewayError):
+    """Triton's queue is full: the same request may succeed a little later."""
+
+    status, code = 429, "overloaded"
+
+
+class Unavailable(GatewayError):
+    """Triton (or the model) cannot be reached or is not ready."""
+
+    status, code = 503, "unavailable"
+
+
+class UpstreamError(GatewayError):
+    status, code = 502, "upstream_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status, code = 504, "deadline_exceeded"
+
+
+class UploadFailed(GatewayError):
+    status, code = 502, "upload_failed"
+
+
+# Werkzeug's own errors (unknown route, wrong method, body over MAX_CONTENT_LENGTH...) get codes
+# in the same vocabulary as ours.
+_HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(error: GatewayError) -> Response:
+    response = jsonify(error.body())
+    response.status_code = error.status
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(GatewayError)
+    def _gateway_error(error: GatewayError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        response = jsonify(
+            {
+                "error": {
+                    "code": _HTTP_CODES.get(status, f"http_{status}"),
+                    # Werkzeug's descriptions are fixed texts, never echoes of the request.
+                    "message": error.description or error.name,
+                }
+            }
+        )
+        response.status_code = status
+        if status == 405 and error.get_headers():
+            allow = dict(error.get_headers()).get("Allow")
+            if allow:
+                response.headers["Allow"] = allow
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        # A bug, not something the client did; details go to the log, not to the client.
+        log.exception("unhandled error")
+        response = jsonify({"error": {"code": "internal_error", "message": "internal error"}})
+        response.status_code = 500
+        return response

@@ -1,0 +1,69 @@
+# ruff: noqa: N999  (gunicorn looks for this file name)
+"""gunicorn settings: `gunicorn -c gateway/gunicorn.conf.py 'gateway:create_app()'`.
+
+Bind, workers and threads come from the same `GATEWAY_*` settings as the app, so a bad value
+stops the master before any worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from gateway.settings import Settings, SettingsError
+
+try:
+    _settings = Settings.from_env(os.environ)
+except SettingsError as exc:
+    raise SystemExit(f"gateway: {exc}") from None
+
+_host = f"[{_settings.host}]" if ":" in _settings.host else _settings.host
+bind = [f"{_host}:{_settings.port}"]
+# Threads, not processes, carry the concurrency: a request mostly waits on Triton or storage.
+worker_class = "gthread"
+workers = _settings.workers
+threads = _settings.threads
+# gthread workers heartbeat from their main loop, so a long generation does not trip this.
+timeout = 60
+graceful_timeout = 30
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+# The request line of /generate carries no secret (the presigned URL is in the body).
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+
+if _settings.workers > 1:
+    # Each worker counts for itself; prometheus_client's multi-process mode sums the workers'
+    # files at scrape time. Its directory must be known before the workers import the client.
+    _metrics_dir = _settings.metrics_dir or tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for _name in os.listdir(_metrics_dir):  # counters left over from an earlier run
+        if _name.endswith(".db"):
+            os.unlink(os.path.join(_metrics_dir, _name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+    os.environ["GATEWAY_METRICS_DIR"] = _metrics_dir
+
+    def child_exit(server: Any, worker: Any) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+    def on_exit(server: Any) -> None:
+        if not _settings.metrics_dir:
+            shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+
+def post_worker_init(worker: Any) -> None:
+    # The app logs under "gateway"; send it where gunicorn's own error log goes.
+    logger = logging.getLogger("gateway")
+    logger.handlers = list(worker.log.error_log.handlers)
+    logger.propagate = False
+
+
+# gunicorn >= 24 opens a control socket at one fixed per-user path; a second gateway on the same
+# machine (tests beside `make serve`) would fight over it, and nothing here uses it.
+control_socket_disable = True

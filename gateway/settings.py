@@ -1,0 +1,285 @@
+"""Gateway settings: read once from `GATEWAY_*` environment variables into a frozen dataclass.
+
+Nothing else in the package reads the environment; the app factory receives a `Settings` value,
+so tests build one directly and a bad value fails the process at start, not on the first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+PREFIX = "GATEWAY_"
+
+NamingPolicy = Literal["rewrite", "keep"]
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A `GATEWAY_*` variable has a value the gateway cannot run with."""
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_hosts(raw: str) -> tuple[str, ...]:
+    entries = tuple(e.strip().lower() for e in raw.split(",") if e.strip())
+    for entry in entries:
+        if not re.fullmatch(r"(\*|\*\.[a-z0-9.-]+|[a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", entry):
+            raise ValueError(f"{entry!r} is not host[:port], *.suffix[:port] or *")
+    return entries
+
+
+def _parse_backoff(raw: str) -> tuple[float, ...]:
+    if not raw.strip():
+        return ()  # no retries at all: one attempt
+    delays = tuple(float(part) for part in raw.split(","))
+    if any(not (0 <= d <= 300) for d in delays):
+        raise ValueError("each delay must be between 0 and 300 seconds")
+    return delays
+
+
+def _parse_headers(raw: str) -> tuple[tuple[str, str], ...]:
+    # "Name: value; Name2: value2": semicolons, because header values may contain commas.
+    headers: list[tuple[str, str]] = []
+    for item in raw.split(";"):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition(":")
+        name, value = name.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+            raise ValueError(f"{item.strip()!r} is not 'Name: value'")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise ValueError(f"header {name} has a control character in its value")
+        if name.lower() in {"host", "content-length", "transfer-encoding"}:
+            raise ValueError(f"header {name} is set by the gateway itself")
+        headers.append((name, value))
+    return tuple(headers)
+
+
+def _parse_naming(raw: str) -> NamingPolicy:
+    value = raw.strip().lower()
+    if value not in ("rewrite", "keep"):
+        raise ValueError("expected rewrite or keep")
+    return value  # type: ignore[return-value]
+
+
+def _parse_optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _setting(env: str, parse: Callable[[str], Any], doc: str, **kwargs: Any) -> Any:
+    """A dataclass field that knows its environment variable, parser and README line."""
+    return field(metadata={"env": env, "parse": parse, "doc": doc}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    triton_url: str = _setting(
+        "TRITON_URL", str.strip, "Triton gRPC address (host:port).", default="127.0.0.1:8001"
+    )
+    triton_metrics_url: str = _setting(
+        "TRITON_METRICS_URL",
+        str.strip,
+        "Triton metrics endpoint; `/readyz` reads which models (demo or real) are loaded from it.",
+        default="http://127.0.0.1:8002/metrics",
+    )
+    triton_deadline_s: float = _setting(
+        "TRITON_DEADLINE_S",
+        float,
+        "Deadline for the one Triton call per request (seconds); past it the answer is 504.",
+        default=120.0,
+    )
+    triton_model: str = _setting(
+        "TRITON_MODEL", str.strip, "Ensemble called when the NSFW check is off.", default="txt2img"
+    )
+    triton_nsfw_model: str = _setting(
+        "TRITON_NSFW_MODEL",
+        str.strip,
+        "Ensemble called when the NSFW check is on.",
+        default="txt2img_nsfw",
+    )
+    probe_timeout_s: float = _setting(
+        "PROBE_TIMEOUT_S",
+        float,
+        "Timeout of each Triton probe made by `/readyz` (seconds).",
+        default=2.0,
+    )
+    retry_after_s: int = _setting(
+        "RETRY_AFTER_S",
+        int,
+        "Retry-After value (seconds) sent with 429 and 503 answers.",
+        default=5,
+    )
+    jpeg_quality: int = _setting(
+        "JPEG_QUALITY", int, "JPEG quality of the returned/uploaded image (1-95).", default=90
+    )
+    upload_naming: Literal["rewrite", "keep"] = _setting(
+        "UPLOAD_NAMING",
+        _parse_naming,
+        "`rewrite`: the URL's file name becomes `{image_hash}.jpg` (the spec); "
+        "`keep`: PUT to the URL exactly as given.",
+        default="rewrite",
+    )
+    upload_allowed_hosts: tuple[str, ...] = _setting(
+        "UPLOAD_ALLOWED_HOSTS",
+        _parse_hosts,
+        "Comma list of `host[:port]` the gateway may PUT to; without a port, ports 80/443 only. "
+        "`*.suffix` matches subdomains, `*` any public host; wildcards never reach loopback, "
+        "private or link-local addresses (list such hosts exactly). Empty: every upload is "
+        "refused.",
+        default=(),
+    )
+    upload_backoff: tuple[float, ...] = _setting(
+        "UPLOAD_BACKOFF",
+        _parse_backoff,
+        "Seconds to wait before each retry of a failed PUT; `1,2,4` is 4 attempts, empty is 1.",
+        default=(1.0, 2.0, 4.0),
+    )
+    upload_timeout_s: float = _setting(
+        "UPLOAD_TIMEOUT_S", float, "Timeout of each PUT attempt (seconds).", default=10.0
+    )
+    upload_headers: tuple[tuple[str, str], ...] = _setting(
+        "UPLOAD_HEADERS",
+        _parse_headers,
+        "Extra PUT headers, `Name: value; Name2: value2` (e.g. `Content-Type: image/jpeg`). "
+        "Only for storage that signed them: a presigned URL's signature covers headers.",
+        default=(),
+    )
+    upload_ca_bundle: str | None = _setting(
+        "UPLOAD_CA_BUNDLE",
+        _parse_optional_str,
+        "CA bundle file for https uploads; default: certifi's, else the system's.",
+        default=None,
+    )
+    max_body_bytes: int = _setting(
+        "MAX_BODY_BYTES", int, "Largest accepted request body (bytes); larger is 413.", default=65536
+    )
+    max_prompt_chars: int = _setting(
+        "MAX_PROMPT_CHARS",
+        int,
+        "Longest `prompt` / `negative_prompt` (characters).",
+        default=2000,
+    )
+    min_size: int = _setting("MIN_SIZE", int, "Smallest `width`/`height`.", default=64)
+    max_size: int = _setting("MAX_SIZE", int, "Largest `width`/`height`.", default=2048)
+    max_pixels: int = _setting(
+        "MAX_PIXELS",
+        int,
+        "Largest `width`×`height` generated (before the 2× upscale).",
+        default=1024 * 1024,
+    )
+    max_steps: int = _setting("MAX_STEPS", int, "Largest `num_inference_steps`.", default=100)
+    max_guidance_scale: float = _setting(
+        "MAX_GUIDANCE_SCALE", float, "Largest `guidance_scale`.", default=30.0
+    )
+    host: str = _setting("HOST", str.strip, "gunicorn bind address.", default="127.0.0.1")
+    port: int = _setting("PORT", int, "gunicorn bind port.", default=8080)
+    workers: int = _setting("WORKERS", int, "gunicorn worker processes.", default=1)
+    threads: int = _setting(
+        "THREADS", int, "Threads per gunicorn worker (requests served at once).", default=8
+    )
+    metrics_dir: str | None = _setting(
+        "METRICS_DIR",
+        _parse_optional_str,
+        "Directory shared by the workers' Prometheus counters (multi-process mode); "
+        "gunicorn.conf.py makes one when WORKERS > 1 and this is unset.",
+        default=None,
+    )
+    log_level: str = _setting(
+        "LOG_LEVEL", lambda s: s.strip().upper(), "Log level of the gateway.", default="INFO"
+    )
+
+    def __post_init__(self) -> None:
+        problems = [msg for ok, msg in self._checks() if not ok]
+        if problems:
+            raise SettingsError("invalid gateway settings: " + "; ".join(problems))
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            (bool(self.triton_url), f"{PREFIX}TRITON_URL is empty"),
+            (self.triton_deadline_s > 0, f"{PREFIX}TRITON_DEADLINE_S must be > 0"),
+            (self.probe_timeout_s > 0, f"{PREFIX}PROBE_TIMEOUT_S must be > 0"),
+            (self.retry_after_s >= 0, f"{PREFIX}RETRY_AFTER_S must be >= 0"),
+            (1 <= self.jpeg_quality <= 95, f"{PREFIX}JPEG_QUALITY must be in 1..95"),
+            (self.upload_timeout_s > 0, f"{PREFIX}UPLOAD_TIMEOUT_S must be > 0"),
+            (self.max_body_bytes >= 1024, f"{PREFIX}MAX_BODY_BYTES must be >= 1024"),
+            (self.max_prompt_chars >= 1, f"{PREFIX}MAX_PROMPT_CHARS must be >= 1"),
+            (
+                8 <= self.min_size <= self.max_size and self.min_size % 8 == 0,
+                f"{PREFIX}MIN_SIZE must be a multiple of 8, >= 8 and <= MAX_SIZE",
+            ),
+            (self.max_size % 8 == 0, f"{PREFIX}MAX_SIZE must be a multiple of 8"),
+            (
+                self.max_pixels >= self.min_size * self.min_size,
+                f"{PREFIX}MAX_PIXELS must allow at least MIN_SIZE×MIN_SIZE",
+            ),
+            (1 <= self.max_steps <= 1000, f"{PREFIX}MAX_STEPS must be in 1..1000"),
+            (self.max_guidance_scale > 0, f"{PREFIX}MAX_GUIDANCE_SCALE must be > 0"),
+            (0 < self.port < 65536, f"{PREFIX}PORT must be in 1..65535"),
+            (self.workers >= 1, f"{PREFIX}WORKERS must be >= 1"),
+            (self.threads >= 1, f"{PREFIX}THREADS must be >= 1"),
+            (
+                self.log_level in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"},
+                f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
+            ),
+        ]
+
+    @property
+    def upload_attempts(self) -> int:
+        return len(self.upload_backoff) + 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from `GATEWAY_*` variables; unknown `GATEWAY_*` names are errors."""
+        values: dict[str, Any] = {}
+        known = set()
+        for f in dataclasses.fields(cls):
+            name = PREFIX + f.metadata["env"]
+            known.add(name)
+            if name not in environ:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](environ[name])
+            except ValueError as exc:
+                raise SettingsError(f"{name}={environ[name]!r}: {exc}") from None
+        # A misspelt variable would otherwise be ignored silently, the same failure as a
+        # misspelt request field.
+        unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
+        if unknown:
+            raise SettingsError(f"unknown settings: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting, for the README and `--help` output."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            shown = ",".join(_fmt(item) for item in default)
+        elif default is None:
+            shown = ""
+        else:
+            shown = _fmt(default)
+        rows.append((PREFIX + f.metadata["env"], shown, f.metadata["doc"]))
+    return rows
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

@@ -1,0 +1,199 @@
+"""PUT the JPEG to the presigned URL, with the spec's retry schedule.
+
+Each attempt opens its own connection and writes the request line itself: urllib3's pools
+re-encode the target (upper-casing `%2b`, for one) and a signature covers the exact bytes.
+Redirects are never followed (the allowlist vetted this host, not the one a 3xx names).
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import tenacity
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+
+from gateway.metrics import Metrics
+from gateway.urls import UploadUrl
+
+log = logging.getLogger(__name__)
+
+_USER_AGENT = "imagegen-gateway/0.1"
+_MD5_ETAG = re.compile(r'(?:W/)?"?([0-9a-fA-F]{32})"?')
+_S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
+_MAX_ERROR_BODY = 4096
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    outcome: str  # ok, http_5xx, http_429, http_4xx, redirect, timeout, connection_error, ...
+    status: int | None = None
+    error_code: str | None = None  # S3's <Code>, e.g. SignatureDoesNotMatch
+    retryable: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    def describe(self) -> str:
+        if self.status is None:
+            return self.outcome.replace("_", " ")
+        text = f"HTTP {self.status}"
+        if self.error_code:
+            text += f" {self.error_code}"
+        if self.outcome == "etag_mismatch":
+            text += " with an ETag that is not the MD5 of the bytes sent"
+        return text
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed PUT is tried again, and after how long: the spec's 1 s, 2 s, 4 s."""
+
+    backoff: tuple[float, ...] = (1.0, 2.0, 4.0)
+    retry_statuses: frozenset[int] = field(
+        default_factory=lambda: frozenset({429, *range(500, 600)})
+    )
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.backoff) + 1
+
+    def delay_after(self, attempt_number: int) -> float:
+        return self.backoff[min(attempt_number, len(self.backoff)) - 1] if self.backoff else 0.0
+
+    def retrying(self, sleep: Callable[[float], None] = time.sleep) -> tenacity.Retrying:
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_attempts),
+            wait=lambda state: self.delay_after(state.attempt_number),
+            retry=tenacity.retry_if_result(lambda attempt: attempt.retryable),
+            # Out of attempts: hand back the last attempt instead of raising RetryError.
+            retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
+            sleep=sleep,
+        )
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    attempts: tuple[Attempt, ...]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.attempts) and self.attempts[-1].ok
+
+    @property
+    def status(self) -> int | None:
+        """The last HTTP status storage answered with; None when no response ever came."""
+        statuses = [a.status for a in self.attempts if a.status is not None]
+        return statuses[-1] if statuses else None
+
+    def describe(self) -> str:
+        last = self.attempts[-1]
+        tries = len(self.attempts)
+        return f"upload failed after {tries} attempt{'s' if tries > 1 else ''}: {last.describe()}"
+
+
+class Uploader:
+    def __init__(
+        self,
+        *,
+        policy: RetryPolicy,
+        timeout_s: float,
+        headers: Sequence[tuple[str, str]] = (),
+        ssl_context: ssl.SSLContext | None = None,
+        metrics: Metrics | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.headers = {"User-Agent": _USER_AGENT, **dict(headers)}
+        self.ssl_context = ssl_context
+        self.metrics = metrics
+        self._sleep = sleep
+
+    def put(self, target: UploadUrl, body: bytes, md5_hex: str) -> UploadResult:
+        attempts: list[Attempt] = []
+
+        def attempt() -> Attempt:
+            result = self._attempt(target, body, md5_hex, len(attempts) + 1)
+            attempts.append(result)
+            if self.metrics:
+                self.metrics.upload_attempts.labels(result.outcome).inc()
+            if not result.ok:
+                # Host and path only: the query string carries the signature.
+                log.warning(
+                    "upload attempt %d/%d to %s: %s%s",
+                    result.number,
+                    self.policy.max_attempts,
+                    target.redacted,
+                    result.describe(),
+                    f"; retrying in {self.policy.delay_after(result.number):g}s"
+                    if result.retryable and result.number < self.policy.max_attempts
+                    else "",
+                )
+            return result
+
+        self.policy.retrying(self._sleep)(attempt)
+        outcome = UploadResult(tuple(attempts))
+        if self.metrics:
+            self.metrics.uploads.labels("success" if outcome.ok else "failure").inc()
+        return outcome
+
+    def _connection(self, target: UploadUrl) -> HTTPConnection:
+        if target.scheme.lower() == "https":
+            return HTTPSConnection(
+                target.host,
+                target.port,
+                timeout=self.timeout_s,
+                ssl_context=self.ssl_context,
+                cert_reqs="CERT_REQUIRED",
+            )
+        return HTTPConnection(target.host, target.port, timeout=self.timeout_s)
+
+    def _attempt(self, target: UploadUrl, body: bytes, md5_hex: str, number: int) -> Attempt:
+        conn = self._connection(target)
+        try:
+            conn.request(
+                "PUT",
+                target.request_target,
+                body=body,
+                headers=self.headers,
+                preload_content=False,
+                decode_content=False,
+            )
+            response = conn.getresponse()
+            status = response.status
+            # Bounded: only the error code is wanted, and a hostile server may stream forever.
+            head = response.read(_MAX_ERROR_BODY) if status >= 300 else b""
+            etag = response.headers.get("ETag")
+        except ssl.SSLCertVerificationError:
+            return Attempt(number, "tls_error")
+        except (TimeoutError, urllib3.exceptions.TimeoutError) as exc:
+            if isinstance(exc, urllib3.exceptions.NewConnectionError):
+                return Attempt(number, "connection_error", retryable=True)
+            return Attempt(number, "timeout", retryable=True)
+        except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError):
+            return Attempt(number, "connection_error", retryable=True)
+        finally:
+            conn.close()
+
+        code_match = _S3_ERROR_CODE.search(head)
+        error_code = code_match.group(1).decode() if code_match else None
+        if 200 <= status < 300:
+            etag_md5 = _MD5_ETAG.fullmatch(etag.strip()) if etag else None
+            if etag_md5 and etag_md5.group(1).lower() != md5_hex:
+                return Attempt(number, "etag_mismatch", status, retryable=True)
+            return Attempt(number, "ok", status)
+        if 300 <= status < 400:
+            return Attempt(number, "redirect", status, error_code)
+        if status in self.policy.retry_statuses:
+            outcome = "http_429" if status == 429 else "http_5xx" if status >= 500 else "http_4xx"
+            return Attempt(number, outcome, status, error_code, retryable=True)
+        return Attempt(number, "http_5xx" if status >= 500 else "http_4xx", status, error_code)

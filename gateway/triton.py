@@ -1,0 +1,253 @@
+"""The one Triton call per request, its deadline, and the mapping of gRPC failures to HTTP.
+
+NSFW off calls the `txt2img` ensemble, so the classifier never runs; NSFW on calls
+`txt2img_nsfw`, where the classifier runs beside the upscaler and enforces its own 5 s budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import urllib3
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    Overloaded,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.metrics import Metrics
+from gateway.request import GenerateRequest
+
+log = logging.getLogger(__name__)
+
+NSFW_STATUSES = ("ok", "timeout", "error")
+# gRPC retries a lost connection with exponential backoff up to 2 minutes by default; a short
+# cap lets the gateway see a restarted Triton within seconds.
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+@dataclass(frozen=True)
+class Generated:
+    image: np.ndarray  # (1, H, W, 3) uint8 RGB, as Triton sent it
+    nsfw_score: float | None = None
+    nsfw_status: str | None = None
+
+
+@dataclass
+class Readiness:
+    ready: bool
+    live: bool = False
+    server_ready: bool = False
+    models: dict[str, bool] = field(default_factory=dict)
+    loaded: dict[str, dict[str, str]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def body(self, triton_url: str) -> dict[str, Any]:
+        return {
+            "status": "ready" if self.ready else "not_ready",
+            "triton": {"url": triton_url, "live": self.live, "ready": self.server_ready},
+            "models": {name: {"ready": ok} for name, ok in self.models.items()},
+            # Per model: kind, source, demo ("true": random demo weights), from Triton's
+            # imagegen_model_info gauge.
+            "loaded": self.loaded,
+            # True when any model runs demo weights (images are noise); null when unknown.
+            "demo": any(i.get("demo") == "true" for i in self.loaded.values()) if self.loaded else None,
+            "problems": self.problems,
+        }
+
+
+class TritonGateway:
+    def __init__(
+        self,
+        url: str,
+        metrics_url: str,
+        *,
+        model: str,
+        nsfw_model: str,
+        probe_timeout_s: float,
+        retry_after_s: int,
+        http: urllib3.PoolManager,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.url = url
+        self.metrics_url = metrics_url
+        self.model = model
+        self.nsfw_model = nsfw_model
+        self.probe_timeout_s = probe_timeout_s
+        self.retry_after_s = retry_after_s
+        self.http = http
+        self.metrics = metrics
+        # The channel connects lazily: building the gateway never fails because Triton is down.
+        self.client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def generate(self, req: GenerateRequest, deadline_s: float) -> Generated:
+        model = self.nsfw_model if req.enable_nsfw_check else self.model
+        outputs = ["IMAGE", "NSFW_SCORE", "NSFW_STATUS"] if req.enable_nsfw_check else ["IMAGE"]
+        started = time.monotonic()
+        try:
+            result = self.client.infer(
+                model,
+                _inputs(req),
+                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
+                client_timeout=deadline_s,
+                # Triton 2.51 drops the gRPC deadline at the ensemble's first step; the
+                # diffusion model reads this parameter instead and stops between steps.
+                parameters={"timeout_ms": max(1, int(deadline_s * 1000))},
+            )
+        except InferenceServerException as exc:
+            error = self._map_error(exc, model, time.monotonic() - started, deadline_s)
+            self._count(model, _outcome(error))
+            raise error from None
+        self._count(model, "ok")
+        image = result.as_numpy("IMAGE")
+        expected = (1, req.height * req.scale, req.width * req.scale, 3)
+        if image is None or image.shape != expected or image.dtype != np.uint8:
+            shape = None if image is None else image.shape
+            raise UpstreamError(f"{model} returned an image of shape {shape}, expected {expected}")
+        if not req.enable_nsfw_check:
+            return Generated(image)
+        score, status = _nsfw(result)
+        return Generated(image, score, status)
+
+    def _count(self, model: str, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.triton_requests.labels(model, outcome).inc()
+
+    def _map_error(
+        self, exc: InferenceServerException, model: str, elapsed: float, deadline_s: float
+    ) -> GatewayError:
+        status = str(exc.status() or "")
+        message = str(exc.message() or "")
+        log.warning("triton %s failed after %.2fs: %s %s", model, elapsed, status, message)
+        # Triton rejects a full queue with UNAVAILABLE too; its message tells the two apart.
+        if "RESOURCE_EXHAUSTED" in status or "Exceeds maximum queue size" in message:
+            return Overloaded(
+                "the inference server is at capacity; retry later", retry_after=self.retry_after_s
+            )
+        if "UNAVAILABLE" in status or not status and "connect" in message.lower():
+            return Unavailable(
+                "the inference server is unavailable; retry later", retry_after=self.retry_after_s
+            )
+        if "DEADLINE_EXCEEDED" in status or (
+            # The diffusion model's own stop on `timeout_ms` comes back as CANCELLED.
+            "CANCELLED" in status and "timeout" in message
+        ):
+            return UpstreamTimeout(f"generation did not finish within {deadline_s:g}s")
+        if "INVALID_ARGUMENT" in status:
+            return InvalidRequest(f"the model refused the request: {message}")
+        if "NOT_FOUND" in status or "is not ready" in message or "unknown model" in message:
+            return Unavailable(
+                f"model {model} is not available; retry later", retry_after=self.retry_after_s
+            )
+        return UpstreamError(f"inference failed ({status or 'error'})")
+
+    def readiness(self) -> Readiness:
+        state = Readiness(ready=False)
+        timeout = self.probe_timeout_s
+        try:
+            state.live = bool(self.client.is_server_live(client_timeout=timeout))
+            state.server_ready = bool(self.client.is_server_ready(client_timeout=timeout))
+            for name in (self.model, self.nsfw_model):
+                state.models[name] = bool(self.client.is_model_ready(name, client_timeout=timeout))
+        except InferenceServerException as exc:
+            state.problems.append(f"triton at {self.url}: {exc.status() or ''} {exc.message()}".strip())
+        state.ready = state.live and state.server_ready and all(state.models.values()) and bool(
+            state.models
+        )
+        for name, ok in state.models.items():
+            if not ok:
+                state.problems.append(f"model {name} is not ready")
+        try:
+            state.loaded = self.model_info()
+        except (urllib3.exceptions.HTTPError, ValueError, OSError) as exc:
+            # Informational only: readiness is Triton's own answer, not this scrape.
+            state.problems.append(f"cannot read model info from {self.metrics_url}: {type(exc).__name__}")
+        return state
+
+    def model_info(self) -> dict[str, dict[str, str]]:
+        response = self.http.request(
+            "GET", self.metrics_url, timeout=self.probe_timeout_s, retries=False
+        )
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status}")
+        loaded: dict[str, dict[str, str]] = {}
+        for family in text_string_to_metric_families(response.data.decode("utf-8", "replace")):
+            if family.name != "imagegen_model_info":
+                continue
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                name = labels.pop("model", None)
+                if name and sample.value:
+                    loaded[name] = labels
+        return loaded
+
+
+def _inputs(req: GenerateRequest) -> list[grpcclient.InferInput]:
+    def tensor(name: str, datatype: str, value: np.ndarray) -> grpcclient.InferInput:
+        item = grpcclient.InferInput(name, list(value.shape), datatype)
+        item.set_data_from_numpy(value)
+        return item
+
+    return [
+        tensor("PROMPT", "BYTES", np.array([[req.prompt.encode("utf-8")]], dtype=np.object_)),
+        tensor(
+            "NEGATIVE_PROMPT",
+            "BYTES",
+            np.array([[req.negative_prompt.encode("utf-8")]], dtype=np.object_),
+        ),
+        tensor("WIDTH", "INT32", np.array([[req.width]], dtype=np.int32)),
+        tensor("HEIGHT", "INT32", np.array([[req.height]], dtype=np.int32)),
+        tensor("STEPS", "INT32", np.array([[req.num_inference_steps]], dtype=np.int32)),
+        tensor("SEED", "INT64", np.array([[-1 if req.seed is None else req.seed]], dtype=np.int64)),
+        tensor(
+            "GUIDANCE_SCALE",
+            "FP32",
+            np.array([[-1.0 if req.guidance_scale is None else req.guidance_scale]], dtype=np.float32),
+        ),
+        tensor("SCALE", "INT32", np.array([[req.scale]], dtype=np.int32)),
+    ]
+
+
+def _nsfw(result: grpcclient.InferResult) -> tuple[float, str]:
+    """The score, or the fail-safe 1.0 when the classifier timed out, failed or said nothing."""
+    scores = result.as_numpy("NSFW_SCORE")
+    statuses = result.as_numpy("NSFW_STATUS")
+    status = "error"
+    if statuses is not None and statuses.size:
+        raw = statuses.reshape(-1)[0]
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        status = text if text in NSFW_STATUSES else "error"
+    score: float | None = None
+    if scores is not None and scores.size:
+        score = float(scores.reshape(-1)[0])
+    if status != "ok" or score is None or not (0.0 <= score <= 1.0):
+        return 1.0, "error" if status == "ok" else status
+    return score, status
+
+
+def _outcome(error: GatewayError) -> str:
+    return {
+        Unavailable: "unavailable",
+        Overloaded: "overloaded",
+        UpstreamTimeout: "deadline",
+        InvalidRequest: "invalid",
+    }.get(type(error), "error")

@@ -1,0 +1,130 @@
+"""Fixtures for the gateway tests: real servers only (moto S3, a scripted fault server, and the
+session's Triton from tests/conftest.py), apps built from explicit `Settings` values."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from flask import Flask
+from flask.testing import FlaskClient
+
+from embedded.s3 import MotoS3Server
+from gateway import Settings, create_app
+from tests.gateway.faults import FaultServer
+
+BUCKET = "aiu-character"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalS3:
+    def __init__(self, server: MotoS3Server) -> None:
+        self.server = server
+        self.url = server.url
+        self.hostport = f"{server.host}:{server.port}"
+        self.bucket = BUCKET
+
+    def client(self, signature_version: str = "s3v4") -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+            config=Config(signature_version=signature_version),
+        )
+
+    def presign_put(self, key: str, signature_version: str = "s3v4") -> str:
+        return self.client(signature_version).generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=3600
+        )
+
+    def get(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def keys(self) -> list[str]:
+        listed = self.client().list_objects_v2(Bucket=self.bucket)
+        return [item["Key"] for item in listed.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    log_path = Path(tmp_path_factory.mktemp("s3")) / "moto.log"
+    with MotoS3Server(port=free_port(), log_path=log_path) as server:
+        local = LocalS3(server)
+        local.client().create_bucket(Bucket=BUCKET)
+        yield local
+
+
+@pytest.fixture
+def fault_server() -> Iterator[FaultServer]:
+    server = FaultServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on: connections are refused."""
+    return free_port()
+
+
+@pytest.fixture
+def base_settings(fault_server: FaultServer) -> Settings:
+    """No Triton behind it (an unused port); fast retries; the fault server allowed."""
+    return Settings(
+        triton_url=f"127.0.0.1:{free_port()}",
+        triton_metrics_url=f"http://127.0.0.1:{free_port()}/metrics",
+        upload_allowed_hosts=(fault_server.hostport,),
+        upload_backoff=(0.05, 0.1, 0.2),
+        upload_timeout_s=2.0,
+        probe_timeout_s=1.0,
+    )
+
+
+@pytest.fixture
+def make_app() -> Iterator[Callable[[Settings], Flask]]:
+    apps: list[Flask] = []
+
+    def make(settings: Settings) -> Flask:
+        app = create_app(settings)
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["gateway"].triton.close()
+
+
+@pytest.fixture
+def client(make_app: Callable[[Settings], Flask], base_settings: Settings) -> FlaskClient:
+    return make_app(base_settings).test_client()
+
+
+@pytest.fixture
+def triton_settings(triton: Any, s3: LocalS3, fault_server: FaultServer) -> Settings:
+    """The session's Triton, the local S3 and the fault server allowed, fast retries."""
+    return Settings(
+        triton_url=triton.grpc_url,
+        triton_metrics_url=triton.metrics_url,
+        upload_allowed_hosts=(s3.hostport, fault_server.hostport),
+        upload_backoff=(0.05, 0.1, 0.2),
+        upload_timeout_s=2.0,
+        triton_deadline_s=60.0,
+    )
+
+
+@pytest.fixture
+def triton_client(make_app: Callable[[Settings], Flask], triton_settings: Settings) -> FlaskClient:
+    return make_app(triton_settings).test_client()

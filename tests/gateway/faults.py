@@ -1,0 +1,131 @@
+"""A scripted HTTP server standing in for storage that misbehaves.
+
+It records every request it receives (raw request target, headers, body, arrival time) and
+answers with the next action of its script; the last action repeats once the script runs out.
+Actions: an int status (2xx answers carry an S3-style ETag with the body's MD5), `Respond`
+for full control, `HANG` (read the request, never answer) and `CLOSE` (drop the connection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass(frozen=True)
+class Respond:
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    etag: str | None = "md5"  # "md5": the body's MD5, like S3; None: no ETag; else verbatim
+
+
+HANG = "hang"
+CLOSE = "close"
+Action = int | Respond | str
+
+
+@dataclass(frozen=True)
+class Received:
+    method: str
+    target: str  # exactly as on the request line
+    headers: dict[str, str]
+    body: bytes
+    at: float  # time.monotonic() when the request line arrived
+
+
+@dataclass
+class FaultServer:
+    host: str = "127.0.0.1"
+    script: list[Action] = field(default_factory=lambda: [200])
+    requests: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._next = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                arrived = time.monotonic()
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                action = server._record(
+                    Received(self.command, self.path, dict(self.headers.items()), body, arrived)
+                )
+                if action == HANG:
+                    server._released.wait(60)
+                    self.close_connection = True
+                    return
+                if action == CLOSE:
+                    self.close_connection = True
+                    return
+                reply = action if isinstance(action, Respond) else Respond(int(action))
+                payload = reply.body
+                if not payload and reply.status >= 300:
+                    payload = f"<Error><Code>Fault{reply.status}</Code></Error>".encode()
+                self.send_response(reply.status)
+                if 200 <= reply.status < 300 and reply.etag is not None:
+                    etag = hashlib.md5(body).hexdigest() if reply.etag == "md5" else reply.etag
+                    self.send_header("ETag", f'"{etag}"' if reply.etag == "md5" else etag)
+                for name, value in reply.headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_PUT = do_GET = do_POST = do_HEAD = do_DELETE = _handle
+
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def _record(self, received: Received) -> Action:
+        with self._lock:
+            self.requests.append(received)
+            action = self.script[min(self._next, len(self.script) - 1)]
+            self._next += 1
+            return action
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def hostport(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def set_script(self, *actions: Action) -> None:
+        with self._lock:
+            self.script = list(actions)
+            self._next = 0
+
+    def gaps(self) -> list[float]:
+        """Seconds between consecutive requests' arrivals."""
+        times = [r.at for r in self.requests]
+        return [b - a for a, b in itertools.pairwise(times)]
+
+    def start(self) -> FaultServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._released.set()  # let hanging handlers go
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,102 @@
+"""/readyz against the session's Triton, and the gateway through a Triton that goes away and
+comes back (a Triton of its own, so the shared one is never stopped)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from flask.testing import FlaskClient
+
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer
+from gateway import Settings
+from tests.gateway.conftest import free_port
+
+
+def test_ready_with_both_ensembles_and_the_loaded_models(triton_client: FlaskClient) -> None:
+    response = triton_client.get("/readyz")
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert body["status"] == "ready"
+    assert body["triton"]["live"] and body["triton"]["ready"]
+    assert body["models"] == {"txt2img": {"ready": True}, "txt2img_nsfw": {"ready": True}}
+    assert {"diffusion", "upscaler", "nsfw"} <= set(body["loaded"])
+    assert body["loaded"]["diffusion"]["demo"] == "true"  # the test repository's demo weights
+    assert {"kind", "source", "demo"} <= set(body["loaded"]["nsfw"])
+    assert body["demo"] is True
+    assert body["problems"] == []
+
+
+def test_an_unreadable_metrics_endpoint_is_reported_but_not_fatal(
+    make_app: Any, triton_settings: Settings
+) -> None:
+    settings = triton_settings.replace(triton_metrics_url=f"http://127.0.0.1:{free_port()}/metrics")
+    response = make_app(settings).test_client().get("/readyz")
+    assert response.status_code == 200
+    assert response.json["loaded"] == {} and response.json["demo"] is None
+    assert any("model info" in p for p in response.json["problems"])
+
+
+def test_a_missing_ensemble_is_not_ready(make_app: Any, triton_settings: Settings) -> None:
+    response = make_app(triton_settings.replace(triton_nsfw_model="no_such_model")).test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.json["status"] == "not_ready"
+    assert response.json["models"].get("no_such_model") is not True
+
+
+def test_no_triton_is_not_ready(client: FlaskClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json["status"] == "not_ready"
+    assert response.json["triton"]["live"] is False
+    assert response.json["problems"]
+
+
+def _wait_ready(client: FlaskClient, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    status = 0
+    while time.monotonic() < deadline:
+        status = client.get("/readyz").status_code
+        if status == 200:
+            break
+        time.sleep(0.5)
+    return status
+
+
+def test_triton_down_then_back(make_app: Any, tmp_path: Path) -> None:
+    own = TritonServer(
+        repository=DEFAULT_REPOSITORY,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        workdir=tmp_path / "triton",
+        log_path=tmp_path / "triton.log",
+    )
+    (tmp_path / "triton").mkdir()
+    settings = Settings(
+        triton_url=own.grpc_url,
+        triton_metrics_url=own.metrics_url,
+        probe_timeout_s=1.0,
+    )
+    client = make_app(settings).test_client()
+    body = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 2,
+            "response_format": "b64_json", "enable_nsfw_check": False}
+    try:
+        own.start().wait_ready(timeout=300)
+        assert _wait_ready(client, 30) == 200
+        assert client.post("/generate", json=body).status_code == 200
+
+        own.stop()
+        down = client.get("/readyz")
+        assert down.status_code == 503 and down.json["status"] == "not_ready"
+        response = client.post("/generate", json=body)
+        assert response.status_code == 503
+        assert response.json["error"]["code"] == "unavailable"
+        assert response.headers["Retry-After"]
+
+        own.start().wait_ready(timeout=300)
+        assert _wait_ready(client, 30) == 200
+        assert client.post("/generate", json=body).status_code == 200
+    finally:
+        own.stop()

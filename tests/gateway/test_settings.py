@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gateway.settings import Settings, SettingsError, settings_table
+
+
+def test_defaults_match_the_issue() -> None:
+    s = Settings.from_env({})
+    assert s.triton_url == "127.0.0.1:8001"
+    assert s.triton_metrics_url == "http://127.0.0.1:8002/metrics"
+    assert s.upload_backoff == (1.0, 2.0, 4.0)
+    assert s.upload_attempts == 4
+    assert s.upload_naming == "rewrite"
+    assert s.upload_headers == ()
+    assert s.upload_allowed_hosts == ()
+    assert s.jpeg_quality == 90
+    assert (s.min_size, s.max_size, s.max_steps) == (64, 2048, 100)
+    assert (s.host, s.port) == ("127.0.0.1", 8080)
+
+
+def test_values_are_parsed_from_the_environment() -> None:
+    s = Settings.from_env(
+        {
+            "GATEWAY_TRITON_URL": "triton:9001",
+            "GATEWAY_TRITON_DEADLINE_S": "30.5",
+            "GATEWAY_UPLOAD_BACKOFF": "0.5, 1,2",
+            "GATEWAY_UPLOAD_ALLOWED_HOSTS": "127.0.0.1:9000, *.Sekai.chat ,[::1]:9000",
+            "GATEWAY_UPLOAD_HEADERS": "Content-Type: image/jpeg; x-amz-acl: public-read",
+            "GATEWAY_UPLOAD_NAMING": "KEEP",
+            "GATEWAY_JPEG_QUALITY": "75",
+            "GATEWAY_WORKERS": "3",
+            "GATEWAY_LOG_LEVEL": "debug",
+        }
+    )
+    assert s.triton_url == "triton:9001"
+    assert s.triton_deadline_s == 30.5
+    assert s.upload_backoff == (0.5, 1.0, 2.0)
+    assert s.upload_allowed_hosts == ("127.0.0.1:9000", "*.sekai.chat", "[::1]:9000")
+    assert s.upload_headers == (("Content-Type", "image/jpeg"), ("x-amz-acl", "public-read"))
+    assert s.upload_naming == "keep"
+    assert (s.jpeg_quality, s.workers, s.log_level) == (75, 3, "DEBUG")
+
+
+def test_empty_backoff_means_a_single_attempt() -> None:
+    assert Settings.from_env({"GATEWAY_UPLOAD_BACKOFF": ""}).upload_attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_JPEG_QUALITY", "0"),
+        ("GATEWAY_JPEG_QUALITY", "high"),
+        ("GATEWAY_UPLOAD_BACKOFF", "1,two,4"),
+        ("GATEWAY_UPLOAD_BACKOFF", "-1"),
+        ("GATEWAY_UPLOAD_NAMING", "rename"),
+        ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "http://example.com"),
+        ("GATEWAY_UPLOAD_HEADERS", "Content-Type image/jpeg"),
+        ("GATEWAY_UPLOAD_HEADERS", "Host: evil"),
+        ("GATEWAY_MIN_SIZE", "60"),
+        ("GATEWAY_MAX_SIZE", "32"),
+        ("GATEWAY_PORT", "70000"),
+        ("GATEWAY_TRITON_DEADLINE_S", "0"),
+        ("GATEWAY_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_invalid_values_fail_at_start_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({name: value})
+    assert name.removeprefix("GATEWAY_") in str(err.value)
+
+
+def test_a_misspelt_variable_is_an_error_not_ignored() -> None:
+    with pytest.raises(SettingsError, match="GATEWAY_UPLOAD_BACKOF"):
+        Settings.from_env({"GATEWAY_UPLOAD_BACKOF": "1"})
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert Settings.from_env({"PATH": "/bin", "TRITON_HTTP_PORT": "1"}) == Settings()
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().port = 1  # type: ignore[misc]
+
+
+def test_the_readme_table_covers_every_setting() -> None:
+    rows = settings_table()
+    assert len(rows) == len(dataclasses.fields(Settings))
+    names = {name for name, _, _ in rows}
+    assert {"GATEWAY_UPLOAD_BACKOFF", "GATEWAY_UPLOAD_ALLOWED_HOSTS", "GATEWAY_TRITON_URL"} <= names
+    assert ("GATEWAY_UPLOAD_BACKOFF", "1,2,4") in {(n, d) for n, d, _ in rows}
+    assert all(doc for _, _, doc in rows)

@@ -1,0 +1,191 @@
+"""The PUT and its retries, against a real scripted HTTP server and the local S3."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pytest
+
+from gateway.metrics import Metrics
+from gateway.storage import RetryPolicy, Uploader
+from gateway.urls import parse_upload_url, rewrite_url
+from tests.gateway.faults import CLOSE, HANG, FaultServer, Respond
+
+BODY = b"\xff\xd8\xff" + bytes(range(256)) * 40
+MD5 = hashlib.md5(BODY).hexdigest()
+QUERY = "?AWSAccessKeyId=AKIAQE43KJDN7ARTLAVM&Signature=%2ByiRa6eTIiuPtE3wGWzFzmS3snA%3D&Expires=1756921542"
+FAST = RetryPolicy(backoff=(0.05, 0.1, 0.2))
+
+
+def uploader(policy: RetryPolicy = FAST, timeout_s: float = 2.0, **kwargs) -> Uploader:  # type: ignore[no-untyped-def]
+    return Uploader(policy=policy, timeout_s=timeout_s, **kwargs)
+
+
+def put(server_url: str, up: Uploader, query: str = QUERY):  # type: ignore[no-untyped-def]
+    target = rewrite_url(parse_upload_url(f"{server_url}/aiu-character/000/1.png{query}"), MD5, "rewrite")
+    return up.put(target, BODY, MD5)
+
+
+def test_the_put_carries_the_bytes_to_the_exact_target(fault_server: FaultServer) -> None:
+    result = put(fault_server.url, uploader())
+    assert result.ok and result.status == 200 and len(result.attempts) == 1
+    [received] = fault_server.requests
+    assert received.method == "PUT"
+    assert received.target == f"/aiu-character/000/{MD5}.jpg{QUERY}"  # byte for byte
+    assert received.body == BODY
+    assert received.headers["Content-Length"] == str(len(BODY))
+
+
+def test_lowercase_escapes_reach_storage_unchanged(fault_server: FaultServer) -> None:
+    query = "?Signature=ab%2bcd%3d&x=a+b&empty="
+    put(fault_server.url, uploader(), query)
+    assert fault_server.requests[0].target.endswith(query)
+
+
+def test_no_content_type_by_default_and_extra_headers_when_configured(
+    fault_server: FaultServer,
+) -> None:
+    put(fault_server.url, uploader())
+    assert "Content-Type" not in fault_server.requests[0].headers
+    put(fault_server.url, uploader(headers=(("Content-Type", "image/jpeg"), ("x-amz-acl", "public-read"))))
+    headers = fault_server.requests[1].headers
+    assert headers["Content-Type"] == "image/jpeg" and headers["x-amz-acl"] == "public-read"
+
+
+def test_503_503_200_succeeds_after_the_backoffs(fault_server: FaultServer) -> None:
+    fault_server.set_script(503, 503, 200)
+    policy = RetryPolicy(backoff=(0.3, 0.6, 1.2))
+    result = put(fault_server.url, uploader(policy))
+    assert result.ok and result.status == 200
+    assert [a.status for a in result.attempts] == [503, 503, 200]
+    gap1, gap2 = fault_server.gaps()
+    assert 0.3 <= gap1 < 0.3 + 1.0
+    assert 0.6 <= gap2 < 0.6 + 1.0
+
+
+def test_the_default_schedule_is_1_2_4_seconds(fault_server: FaultServer) -> None:
+    """The one test on the spec's real schedule (about 7 s)."""
+    fault_server.set_script(503)
+    result = put(fault_server.url, uploader(RetryPolicy()))
+    assert not result.ok and result.status == 503
+    assert len(fault_server.requests) == 4
+    for gap, expected in zip(fault_server.gaps(), (1.0, 2.0, 4.0), strict=True):
+        assert expected <= gap < expected + 1.0
+
+
+def test_503_every_time_gives_four_attempts_and_the_last_status(fault_server: FaultServer) -> None:
+    fault_server.set_script(503)
+    result = put(fault_server.url, uploader())
+    assert not result.ok
+    assert len(result.attempts) == len(fault_server.requests) == 4
+    assert result.status == 503
+    assert "4 attempts" in result.describe() and "503" in result.describe()
+
+
+def test_429_is_retried(fault_server: FaultServer) -> None:
+    fault_server.set_script(429, 200)
+    assert put(fault_server.url, uploader()).ok
+    assert len(fault_server.requests) == 2
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 412])
+def test_other_4xx_are_not_retried(fault_server: FaultServer, status: int) -> None:
+    fault_server.set_script(status, 200)
+    result = put(fault_server.url, uploader())
+    assert not result.ok and result.status == status
+    assert len(fault_server.requests) == 1
+
+
+def test_the_storage_error_code_is_reported(fault_server: FaultServer) -> None:
+    fault_server.set_script(Respond(403, body=b"<Error><Code>SignatureDoesNotMatch</Code></Error>"))
+    result = put(fault_server.url, uploader())
+    assert "SignatureDoesNotMatch" in result.describe()
+
+
+def test_redirects_are_not_followed(fault_server: FaultServer) -> None:
+    fault_server.set_script(Respond(307, headers=(("Location", "http://169.254.169.254/x"),)))
+    result = put(fault_server.url, uploader())
+    assert not result.ok and result.status == 307 and len(fault_server.requests) == 1
+
+
+def test_connection_refused_is_retried_then_reported(closed_port: int) -> None:
+    result = put(f"http://127.0.0.1:{closed_port}", uploader())
+    assert not result.ok
+    assert result.status is None
+    assert [a.outcome for a in result.attempts] == ["connection_error"] * 4
+
+
+def test_a_server_that_never_answers_is_retried_then_reported(fault_server: FaultServer) -> None:
+    fault_server.set_script(HANG)
+    result = put(fault_server.url, uploader(RetryPolicy(backoff=(0.01, 0.01, 0.01)), timeout_s=0.3))
+    assert not result.ok and result.status is None
+    assert len(fault_server.requests) == 4
+    assert [a.outcome for a in result.attempts] == ["timeout"] * 4
+
+
+def test_a_dropped_connection_is_retried(fault_server: FaultServer) -> None:
+    fault_server.set_script(CLOSE, 200)
+    result = put(fault_server.url, uploader())
+    assert result.ok and [a.outcome for a in result.attempts] == ["connection_error", "ok"]
+
+
+def test_an_etag_that_is_not_our_md5_fails_the_attempt(fault_server: FaultServer) -> None:
+    fault_server.set_script(Respond(200, etag='"0123456789abcdef0123456789abcdef"'), 200)
+    result = put(fault_server.url, uploader())
+    assert result.ok
+    assert [a.outcome for a in result.attempts] == ["etag_mismatch", "ok"]
+
+
+def test_an_etag_mismatch_every_time_fails_with_status_200(fault_server: FaultServer) -> None:
+    fault_server.set_script(Respond(200, etag='"0123456789abcdef0123456789abcdef"'))
+    result = put(fault_server.url, uploader())
+    assert not result.ok and result.status == 200 and len(result.attempts) == 4
+
+
+@pytest.mark.parametrize("etag", [None, '"not-an-md5"', '"d41d8cd98f00b204e9800998ecf8427e-2"'])
+def test_etags_that_are_not_md5s_are_ignored(fault_server: FaultServer, etag: str | None) -> None:
+    fault_server.set_script(Respond(204, etag=etag))
+    result = put(fault_server.url, uploader())
+    assert result.ok and result.status == 204
+
+
+def test_no_backoff_means_one_attempt(fault_server: FaultServer) -> None:
+    fault_server.set_script(503)
+    assert len(put(fault_server.url, uploader(RetryPolicy(backoff=()))).attempts) == 1
+
+
+def test_attempts_and_outcomes_are_counted(fault_server: FaultServer) -> None:
+    metrics = Metrics()
+    fault_server.set_script(503, 200)
+    put(fault_server.url, uploader(metrics=metrics))
+    text = metrics.render().decode()
+    assert 'gateway_upload_attempts_total{outcome="http_5xx"} 1.0' in text
+    assert 'gateway_upload_attempts_total{outcome="ok"} 1.0' in text
+    assert 'gateway_uploads_total{result="success"} 1.0' in text
+    assert "Signature" not in text and "127.0.0.1" not in text
+
+
+def test_logs_never_show_the_signature(fault_server: FaultServer, caplog: pytest.LogCaptureFixture) -> None:
+    fault_server.set_script(503)
+    with caplog.at_level(logging.DEBUG):
+        put(fault_server.url, uploader())
+    assert "upload attempt" in caplog.text
+    assert "Signature" not in caplog.text and "AKIA" not in caplog.text
+
+
+def test_the_retry_policy_is_a_value() -> None:
+    policy = RetryPolicy(backoff=(1.0, 2.0, 4.0))
+    assert policy == RetryPolicy()
+    assert policy.max_attempts == 4
+    assert [policy.delay_after(n) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
+    assert 429 in policy.retry_statuses and 503 in policy.retry_statuses
+    assert 403 not in policy.retry_statuses
+
+
+def test_a_put_to_the_local_s3_under_a_renamed_key(s3) -> None:  # type: ignore[no-untyped-def]
+    url = s3.presign_put("storage-test/1.png")
+    target = rewrite_url(parse_upload_url(url), MD5, "rewrite")
+    result = uploader().put(target, BODY, MD5)
+    assert result.ok and result.status == 200 and len(result.attempts) == 1  # ETag matched
+    assert s3.get(f"storage-test/{MD5}.jpg") == BODY

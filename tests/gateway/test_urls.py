@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.urls import check_upload_url, host_allowed, parse_upload_url, rewrite_url
+
+HASH = "d41d8cd98f00b204e9800998ecf8427e"
+SPEC_QUERY = "?AWSAccessKeyId=AKIAQE43KJDN7ARTLAVM&Signature=%2ByiRa6eTIiuPtE3wGWzFzmS3snA%3D&Expires=1756921542"
+SPEC_URL = "https://prod-data.sekai.chat/aiu-character/000/1.png" + SPEC_QUERY
+
+
+def test_the_specs_example_is_rewritten_exactly_as_the_spec_shows() -> None:
+    target = rewrite_url(parse_upload_url(SPEC_URL), HASH, "rewrite")
+    assert target.url == (
+        "https://prod-data.sekai.chat/aiu-character/000/d41d8cd98f00b204e9800998ecf8427e.jpg"
+        "?AWSAccessKeyId=AKIAQE43KJDN7ARTLAVM&Signature=%2ByiRa6eTIiuPtE3wGWzFzmS3snA%3D"
+        "&Expires=1756921542"
+    )
+    assert target.request_target == f"/aiu-character/000/{HASH}.jpg" + SPEC_QUERY
+
+
+def test_a_sigv4_query_is_kept_byte_for_byte(s3) -> None:  # type: ignore[no-untyped-def]
+    url = s3.presign_put("aiu-character/000/1.png")
+    assert "X-Amz-Signature=" in url and "%2F" in url  # a real boto3 SigV4 URL
+    prefix, query = url.split("?", 1)
+    target = rewrite_url(parse_upload_url(url), HASH, "rewrite")
+    assert target.url == prefix.rsplit("/", 1)[0] + f"/{HASH}.jpg?" + query
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # lower-case escapes, odd order, repeated and empty parameters, '+' and '=' raw
+        "http://h.test/a/1.png?b=%2b%3d&a=1&a=2&empty=&flag&x=a+b=c",
+        "http://h.test:8443/a%20b/c/placeholder?Signature=abc%2F%2B",
+        "https://H.Test/1.png?q",
+        "http://h.test/deep/er/path/2.jpg#frag",
+    ],
+)
+def test_everything_but_the_file_name_is_kept(url: str) -> None:
+    target = rewrite_url(parse_upload_url(url), HASH, "rewrite")
+    old_name = parse_upload_url(url).filename
+    assert target.url == url.replace(f"/{old_name}", f"/{HASH}.jpg", 1)
+    assert "#" not in target.request_target
+
+
+def test_keep_naming_uses_the_url_as_given() -> None:
+    target = rewrite_url(parse_upload_url(SPEC_URL), HASH, "keep")
+    assert target.url == SPEC_URL
+
+
+def test_redacted_form_drops_the_query() -> None:
+    assert parse_upload_url(SPEC_URL).redacted == "https://prod-data.sekai.chat/aiu-character/000/1.png"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://prod-data.sekai.chat/aiu-character/000/",  # no file name
+        "https://prod-data.sekai.chat",
+        "https://prod-data.sekai.chat?x=1",
+        "https://prod-data.sekai.chat/a/..?x",
+        "ftp://prod-data.sekai.chat/a/1.png",
+        "file:///etc/passwd",
+        "//prod-data.sekai.chat/a/1.png",
+        "/a/1.png",
+        "prod-data.sekai.chat/a/1.png",
+        "https://user:pw@prod-data.sekai.chat/a/1.png",
+        "https://prod-data.sekai.chat/a b/1.png",
+        "https://prod-data.sekai.chat/a/1.png?x=é",
+        "https://prod-data.sekai.chat/a/1.png\r\nX-Injected: 1",
+        "https:///a/1.png",
+        "https://prod-data.sekai.chat:99999/a/1.png",
+        "",
+    ],
+)
+def test_bad_urls_are_400_naming_s3_prefix(url: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_upload_url(url)
+    assert err.value.field == "s3_prefix"
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "allowed", "expected"),
+    [
+        ("127.0.0.1", 9000, ("127.0.0.1:9000",), True),
+        ("127.0.0.1", 9001, ("127.0.0.1:9000",), False),
+        ("127.0.0.1", 9000, ("localhost:9000",), False),
+        ("prod-data.sekai.chat", 443, ("prod-data.sekai.chat",), True),
+        ("prod-data.sekai.chat", 8443, ("prod-data.sekai.chat",), False),  # no port: 80/443 only
+        ("prod-data.sekai.chat", 443, ("other.sekai.chat",), False),
+        ("evil-sekai.chat", 443, ("*.sekai.chat",), False),
+        ("sekai.chat", 443, ("*.sekai.chat",), False),
+        ("localhost", 443, ("*",), False),  # wildcards never reach loopback
+        ("127.0.0.1", 443, ("*",), False),
+        ("10.0.0.8", 443, ("*",), False),
+        ("169.254.169.254", 80, ("*",), False),  # cloud metadata
+        ("::1", 443, ("*",), False),
+        ("::1", 9000, ("[::1]:9000",), True),
+        ("anything.test", 443, (), False),  # empty allowlist: nothing
+    ],
+)
+def test_allowlist(host: str, port: int, allowed: tuple[str, ...], expected: bool) -> None:
+    assert host_allowed(host, port, allowed) is expected
+
+
+def test_check_upload_url_refuses_a_host_not_allowed() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        check_upload_url(SPEC_URL, ("127.0.0.1:9000",))
+    assert err.value.field == "s3_prefix"
+    assert "GATEWAY_UPLOAD_ALLOWED_HOSTS" in err.value.message
+    assert "Signature" not in err.value.message
+
+
+def test_host_matching_ignores_case_and_a_trailing_dot() -> None:
+    assert check_upload_url("https://Prod-Data.Sekai.Chat./a/1.png", ("prod-data.sekai.chat",))
