@@ -30,6 +30,10 @@ serve: models
 demo: $(STAMP)
 	$(BIN)/python -m embedded.demo
 
+# Benchmarks (not in `make test`; a smoke run of each is): ends with the summary lines.
+bench: models
+	$(BIN)/python -m benchmarks
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -57,12 +57,14 @@ def gateway_environment(
 
 
 class GatewayProcess:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
         self.env = env
+        self.log_path = log_path
         self.url = f"http://{env['GATEWAY_HOST']}:{env['GATEWAY_PORT']}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "gunicorn",
@@ -73,7 +75,11 @@ class GatewayProcess:
             cwd=PROJECT_ROOT,
             # Its own session: Ctrl-C reaches only the stack, which stops the parts in order.
             start_new_session=True,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
         )
+        if output:
+            output.close()
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +35,12 @@ DEFAULT_WORKDIR = PROJECT_ROOT / ".run" / "triton"
 
 class TritonStartError(RuntimeError):
     """The server exited or never became ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _pytriton_dist() -> tuple[Path, Path]:
@@ -85,6 +92,26 @@ class TritonServer:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @classmethod
+    def on_free_ports(cls, repository: Path, workdir: Path, **kwargs: object) -> TritonServer:
+        """Start one on free loopback ports, logging to `workdir`, and wait until it is ready."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        server = cls(
+            repository=repository,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            workdir=workdir,
+            log_path=workdir / "triton.log",
+            **kwargs,  # type: ignore[arg-type]
+        )
+        server.start()
+        try:
+            return server.wait_ready(timeout=300)
+        except BaseException:
+            server.stop()
+            raise
 
     def command(self) -> list[str]:
         server_dir, _ = _pytriton_dist()

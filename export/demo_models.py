@@ -130,7 +130,19 @@ def build_diffusion(target: Path) -> None:
     work.rename(target)
 
 
-def build_nsfw_classifier(target: Path) -> None:
+VIT_SHAPES = {
+    # Small; initialised wider than the usual 0.02 so that scores spread over (0, 1) and
+    # parity checks bite.
+    "demo": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 128, "initializer_range": 0.3},
+    # Falconsai/nsfw_image_detection's exact shape (ViT-B/16), for benchmarks.
+    "vit-b16": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "intermediate_size": 3072, "initializer_range": 0.02},
+}
+
+
+def build_vit_classifier(target: Path, shape: str = "demo") -> None:
+    """A random-weight ViT with Falconsai/nsfw_image_detection's labels and preprocessing."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -138,14 +150,9 @@ def build_nsfw_classifier(target: Path) -> None:
     config = ViTConfig(
         image_size=224,
         patch_size=16,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
         id2label={0: "normal", 1: "nsfw"},
         label2id={"normal": 0, "nsfw": 1},
-        # Wider than the usual 0.02 so that scores spread over (0, 1) and parity checks bite.
-        initializer_range=0.3,
+        **VIT_SHAPES[shape],
     )
     work = target.with_name(target.name + ".tmp")
     ViTForImageClassification(config).eval().save_pretrained(str(work))
@@ -160,14 +167,14 @@ def build_nsfw_classifier(target: Path) -> None:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(str(work))
-    _write_marker(work, "small random-weight ViT with Falconsai/nsfw_image_detection's labels")
+    _write_marker(work, f"random-weight ViT ({shape}) with Falconsai/nsfw_image_detection's labels")
     work.rename(target)
 
 
 def build(demo_dir: Path = DEMO_DIR, nsfw_dir: Path = NSFW_REPOSITORY_DIR, force: bool = False) -> None:
     import shutil
 
-    for name, builder in [("diffusion", build_diffusion), ("nsfw", build_nsfw_classifier)]:
+    for name, builder in [("diffusion", build_diffusion), ("nsfw", build_vit_classifier)]:
         target = demo_dir / name
         if force and target.exists():
             shutil.rmtree(target)

@@ -36,6 +36,8 @@ DEFAULT_OUTPUT = PROJECT_ROOT / "model_repository" / "nsfw" / "1"
 DEMO_MARKER = "imagegen_demo.json"
 OPSET = 17
 FP32_TOLERANCE = 1e-4
+# A faster variant is served by default only within this much of the reference score.
+FAST_TOLERANCE = 0.02
 PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
@@ -137,17 +139,35 @@ def export_onnx(model: Any, spec: dict[str, Any], path: Path) -> None:
         )
 
 
-def quantize_int8(source: Path, target: Path) -> None:
+def quantize_int8(source: Path, target: Path, num_heads: int, hidden_size: int) -> None:
+    """Fuse LayerNorm/GELU with onnxruntime's transformer optimizer, then quantize the MatMuls'
+    weights to int8 (activations quantized per call): faster than quantizing the plain graph,
+    and closer to fp32."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
 
-    # The quantizer narrates every tensor on the root logger at INFO.
+    # Both narrate every node and tensor on the root logger at INFO.
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))
+    fused = target.with_suffix(".fused.onnx")
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        optimized = optimizer.optimize_model(
+            str(source), model_type="vit", num_heads=num_heads, hidden_size=hidden_size
+        )
+        optimized.save_model_to_file(str(fused))
+        quantize_dynamic(
+            str(fused),
+            str(target),
+            weight_type=QuantType.QInt8,
+            # Fused ops come from the com.microsoft domain, where shape inference cannot type
+            # every tensor; all of them are float.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     finally:
         root.setLevel(level)
+        fused.unlink(missing_ok=True)
 
 
 def reference_scores(model_dir: str, images: Sequence[np.ndarray], label: str) -> np.ndarray:
@@ -221,7 +241,10 @@ def export(
     export_onnx(classifier, spec, fp32)
     files = [(fp32, "fp32")]
     if int8:
-        quantize_int8(fp32, output / "model.int8.onnx")
+        config = classifier.config
+        quantize_int8(
+            fp32, output / "model.int8.onnx", config.num_attention_heads, config.hidden_size
+        )
         files.append((output / "model.int8.onnx", "int8"))
 
     images = list(images) if images is not None else sample_images()
@@ -235,6 +258,10 @@ def export(
     spec["variants"] = {
         r.file: {"precision": r.precision, "parity_max_abs_diff": r.max_abs_diff} for r in reports
     }
+    # What `onnx_file: auto` serves: the fastest file whose scores stay close enough.
+    faithful = [r for r in reports[1:] if r.max_abs_diff <= FAST_TOLERANCE]
+    spec["serve"] = faithful[0].file if faithful else reports[0].file
+    print(f"serving {spec['serve']} by default")
     (output / "nsfw.json").write_text(json.dumps(spec, indent=2) + "\n")
     if reports[0].max_abs_diff > tolerance:
         raise ExportError(

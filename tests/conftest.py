@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,34 +11,17 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from embedded.triton import DEFAULT_REPOSITORY, TritonServer
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer, free_port
 from export.demo_models import DEMO_DIR, build
 
 
 def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 def start_triton(repository: Path, workdir: Path, **kwargs: object) -> TritonServer:
     """A ready TritonServer on free ports; the caller stops it."""
-    server = TritonServer(
-        repository=repository,
-        http_port=unused_port(),
-        grpc_port=unused_port(),
-        metrics_port=unused_port(),
-        workdir=workdir,
-        log_path=workdir / "triton.log",
-        **kwargs,  # type: ignore[arg-type]
-    )
-    workdir.mkdir(parents=True, exist_ok=True)
-    server.start()
-    try:
-        return server.wait_ready(timeout=300)
-    except BaseException:
-        server.stop()
-        raise
+    return TritonServer.on_free_ports(repository, workdir, **kwargs)
 
 
 @pytest.fixture(scope="session")

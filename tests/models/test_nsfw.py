@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 from collections.abc import Iterator
@@ -101,7 +102,8 @@ def failing_nsfw(
     budget = '"budget_ms"\n    value: { string_value: "5000" }'
     _variant(repository, "nsfw", "nsfw_slow", {budget: budget.replace("5000", "0.001")})
     broken = _variant(repository, "nsfw", "nsfw_broken", {})
-    (broken / "1" / "model.onnx").write_bytes(b"this is not an ONNX protobuf" * 10)
+    served = json.loads((broken / "1" / "nsfw.json").read_text())["serve"]
+    (broken / "1" / served).write_bytes(b"this is not an ONNX protobuf" * 10)
     for variant in ("slow", "broken"):
         _variant(
             repository,

@@ -25,9 +25,9 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.budget_s = float(params.get("budget_ms", "5000")) / 1000
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        onnx_path = Path(os.environ.get("IMAGEGEN_NSFW_ONNX") or params.get("onnx_file", "model.onnx"))
-        if not onnx_path.is_absolute():
-            onnx_path = version_dir / onnx_path
+        onnx_path = self._onnx_path(
+            os.environ.get("IMAGEGEN_NSFW_ONNX") or params.get("onnx_file", "auto"), version_dir
+        )
         gpu = args["model_instance_kind"] == "GPU"
 
         self.session = None
@@ -63,6 +63,18 @@ class TritonPythonModel:
             f"nsfw: {info['kind']} from {info['source']}, budget {self.budget_s:g}s, "
             f"status {info['status']}{demo_note}"
         )
+
+    @staticmethod
+    def _onnx_path(name, version_dir):
+        if name != "auto":
+            path = Path(name)
+            return path if path.is_absolute() else version_dir / path
+        # The exporter recorded which file to serve: int8 when its parity held, else fp32.
+        try:
+            chosen = json.loads((version_dir / "nsfw.json").read_text()).get("serve", "model.onnx")
+        except (OSError, ValueError):
+            chosen = "model.onnx"
+        return version_dir / chosen
 
     @staticmethod
     def _session(path, gpu, device_id, params):

@@ -1,0 +1,28 @@
+"""`make bench`: every benchmark, then the summary lines, one per line, value after a space.
+
+    python -m benchmarks [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import nsfw, service
+from benchmarks.report import print_summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and few runs")
+    args = parser.parse_args(argv)
+    figures = nsfw.run(3 if args.smoke else 30, args.smoke)
+    figures.update(service.run(*((2, 2.0) if args.smoke else (20, 20.0)), args.smoke))
+    print()
+    order = ["nsfw_speedup_vs_pipeline", "nsfw_p50_ms", "added_p50_ms_512x1024",
+             "added_p50_ms_1024x2048", "gateway_overhead_p50_ms", "concurrency_ratio"]
+    print_summary({name: figures[name] for name in order})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

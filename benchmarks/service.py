@@ -1,0 +1,240 @@
+"""End-to-end figures against the real local stack (Triton, moto S3, gunicorn gateway).
+
+    python -m benchmarks.service [--runs 20] [--seconds 20] [--smoke]
+
+- added latency of the spec's two features: p50 of `/generate` (s3, NSFW on) minus p50 of a
+  direct gRPC call of the generation-only ensemble `txt2img`, same model, size and seed, at
+  512x1024 and at 1024x2048 (512x1024 upscaled);
+- gateway overhead: `/generate` (b64_json, NSFW off) minus the same direct call at 512x1024;
+- concurrency: 16 clients for a fixed time on a fast request (64x64, 1 step), requests per
+  second through the gateway over requests per second straight to Triton, with the same
+  thread-based load generator on both sides.
+
+Direct and gateway calls alternate run by run, so generation noise falls on both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import tritonclient.grpc as grpcclient
+
+from benchmarks.report import Timings, print_summary, print_table
+from embedded.s3 import MotoS3Server
+from embedded.stack import GatewayProcess, gateway_environment
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer, free_port
+
+BUCKET = "bench"
+STEPS = 2
+CLIENTS = 16
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class Stack:
+    triton: TritonServer
+    s3: MotoS3Server
+    gateway: GatewayProcess
+
+    def presigned(self, key: str) -> str:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.s3.url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
+        return client.generate_presigned_url(
+            "put_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=3600
+        )
+
+
+@contextmanager
+def local_stack(workdir: Path) -> Iterator[Stack]:
+    with ExitStack() as cleanup:
+        triton = TritonServer.on_free_ports(DEFAULT_REPOSITORY, workdir / "triton")
+        cleanup.callback(triton.stop)
+        s3 = MotoS3Server(port=free_port(), log_path=workdir / "s3.log").start()
+        cleanup.callback(s3.stop)
+        s3.wait_ready()
+        env = gateway_environment(
+            dict(os.environ),
+            host="127.0.0.1",
+            grpc_port=triton.grpc_port,
+            metrics_port=triton.metrics_port,
+            s3_port=s3.port,
+        )
+        env.update(GATEWAY_PORT=str(free_port()), GATEWAY_THREADS=str(CLIENTS))
+        gateway = GatewayProcess(env, log_path=workdir / "gateway.log")
+        gateway.start()
+        cleanup.callback(gateway.stop)
+        gateway.wait_ready(120)
+        stack = Stack(triton, s3, gateway)
+        import boto3
+
+        boto3.client(
+            "s3", endpoint_url=s3.url, region_name="us-east-1",
+            aws_access_key_id="bench", aws_secret_access_key="bench",
+        ).create_bucket(Bucket=BUCKET)
+        yield stack
+
+
+def direct_call(client: grpcclient.InferenceServerClient, width: int, height: int, scale: int,
+                steps: int = STEPS) -> Callable[[], None]:
+    """A `txt2img` call exactly as the gateway makes it, image fetched back to the client."""
+    values = {
+        "PROMPT": (np.array([[b"a quiet harbour at dawn"]], dtype=object), "BYTES"),
+        "NEGATIVE_PROMPT": (np.array([[b""]], dtype=object), "BYTES"),
+        "WIDTH": (np.array([[width]], dtype=np.int32), "INT32"),
+        "HEIGHT": (np.array([[height]], dtype=np.int32), "INT32"),
+        "STEPS": (np.array([[steps]], dtype=np.int32), "INT32"),
+        "SEED": (np.array([[SEED]], dtype=np.int64), "INT64"),
+        "GUIDANCE_SCALE": (np.array([[-1.0]], dtype=np.float32), "FP32"),
+        "SCALE": (np.array([[scale]], dtype=np.int32), "INT32"),
+    }
+    inputs = []
+    for name, (array, dtype) in values.items():
+        item = grpcclient.InferInput(name, list(array.shape), dtype)
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+
+    def call() -> None:
+        client.infer("txt2img", inputs).as_numpy("IMAGE")
+
+    return call
+
+
+def gateway_call(session: requests.Session, stack: Stack, width: int, height: int, upscale: bool,
+                 *, upload: bool, nsfw: bool, steps: int = STEPS) -> Callable[[], None]:
+    body: dict[str, Any] = {
+        "prompt": "a quiet harbour at dawn",
+        "width": width,
+        "height": height,
+        "num_inference_steps": steps,
+        "seed": SEED,
+        "upscale": upscale,
+        "enable_nsfw_check": nsfw,
+        "response_format": "s3" if upload else "b64_json",
+    }
+    if upload:
+        body["s3_prefix"] = stack.presigned("bench/1.png")
+
+    def call() -> None:
+        response = session.post(f"{stack.gateway.url}/generate", json=body, timeout=300)
+        if response.status_code != 200:
+            raise RuntimeError(f"/generate answered {response.status_code}: {response.text[:300]}")
+
+    return call
+
+
+def paired(calls: dict[str, Callable[[], None]], runs: int) -> dict[str, Timings]:
+    timings = {name: Timings() for name in calls}
+    for call in calls.values():  # warm-up
+        call()
+    for _ in range(runs):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            timings[name].add(time.perf_counter() - started)
+    return timings
+
+
+def throughput(make_call: Callable[[], Callable[[], None]], seconds: float) -> float:
+    """Requests per second that CLIENTS threads sustain, each with its own client."""
+    calls = [make_call() for _ in range(CLIENTS)]
+    done = [0] * CLIENTS
+    stop_at = time.perf_counter() + seconds
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            while time.perf_counter() < stop_at:
+                calls[index]()
+                done[index] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"load generator failed: {errors[0]}")
+    return sum(done) / (time.perf_counter() - started)
+
+
+def run(runs: int, seconds: float, smoke: bool) -> dict[str, float]:
+    width, height = (64, 128) if smoke else (512, 1024)
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, local_stack(Path(tmp)) as stack:
+        client = grpcclient.InferenceServerClient(stack.triton.grpc_url)
+        session = requests.Session()
+        rows = []
+        for scale, label in ((1, f"{width}x{height}"), (2, f"{width * 2}x{height * 2}")):
+            timings = paired(
+                {
+                    "direct": direct_call(client, width, height, scale),
+                    "s3+nsfw": gateway_call(session, stack, width, height, scale == 2,
+                                            upload=True, nsfw=True),
+                    "b64": gateway_call(session, stack, width, height, scale == 2,
+                                        upload=False, nsfw=False),
+                },
+                runs,
+            )
+            base = timings["direct"].p50_ms
+            rows += [(label, name, t.p50_ms, t.p50_ms - base) for name, t in timings.items()]
+            size = "512x1024" if scale == 1 else "1024x2048"
+            figures[f"added_p50_ms_{size}"] = timings["s3+nsfw"].p50_ms - base
+            if scale == 1:
+                figures["gateway_overhead_p50_ms"] = timings["b64"].p50_ms - base
+        print(f"Latency, {runs} alternating runs each, {STEPS} steps, generated {width}x{height}")
+        print_table(["output", "call", "p50 ms", "minus direct ms"], rows)
+
+        def fast_direct() -> Callable[[], None]:
+            return direct_call(
+                grpcclient.InferenceServerClient(stack.triton.grpc_url), 64, 64, 1, steps=1
+            )
+
+        def fast_gateway() -> Callable[[], None]:
+            return gateway_call(
+                requests.Session(), stack, 64, 64, False, upload=False, nsfw=False, steps=1
+            )
+
+        triton_rps = throughput(fast_direct, seconds)
+        gateway_rps = throughput(fast_gateway, seconds)
+        print(f"Concurrency, {CLIENTS} clients x {seconds:g}s, 64x64, 1 step: "
+              f"Triton alone {triton_rps:.1f} req/s, through the gateway {gateway_rps:.1f} req/s")
+        figures["concurrency_ratio"] = gateway_rps / triton_rps
+        client.close()
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=20.0, help="per side of the load test")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 runs, 2 s load")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.runs, args.seconds = 2, 2.0
+    print_summary(run(args.runs, args.seconds, args.smoke))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""Each benchmark script runs at tiny sizes and prints the summary lines `make bench` promises."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SUMMARY = re.compile(r"^(\w+): (-?[0-9.e+]+|inf|nan)$", re.MULTILINE)
+
+
+def run(module: str) -> dict[str, float]:
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--smoke"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {name: float(value) for name, value in SUMMARY.findall(result.stdout)}
+
+
+@pytest.mark.usefixtures("demo_models")
+def test_nsfw_benchmark_smoke() -> None:
+    figures = run("benchmarks.nsfw")
+    assert set(figures) == {"nsfw_speedup_vs_pipeline", "nsfw_p50_ms"}
+    assert figures["nsfw_p50_ms"] > 0 and figures["nsfw_speedup_vs_pipeline"] > 0
+
+
+@pytest.mark.usefixtures("demo_models")
+def test_service_benchmark_smoke() -> None:
+    figures = run("benchmarks.service")
+    assert set(figures) == {
+        "added_p50_ms_512x1024", "added_p50_ms_1024x2048", "gateway_overhead_p50_ms",
+        "concurrency_ratio",
+    }
+    assert figures["concurrency_ratio"] > 0
