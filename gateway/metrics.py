@@ -37,7 +37,7 @@ UPLOAD_RESULTS = (
     ("failure", "5xx"),
     ("failure", "none"),  # storage never answered: timeouts, refused connections, TLS errors
 )
-NSFW_STATUSES = ("ok", "timeout", "error", "disabled")
+NSFW_OUTCOMES = ("ok", "timeout", "error", "disabled")
 
 
 class Metrics:
@@ -117,7 +117,7 @@ class Metrics:
             self.upload_attempts.labels(outcome)
         for result, status_class in UPLOAD_RESULTS:
             self.uploads.labels(result, status_class)
-        for status in NSFW_STATUSES:
+        for status in NSFW_OUTCOMES:
             self.nsfw_checks.labels(status)
 
     def nsfw_checked(self, status: str | None, score: float | None) -> None:

@@ -19,7 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import Settings
-from gateway.metrics import NSFW_STATUSES, UPLOAD_OUTCOMES, UPLOAD_RESULTS, Metrics
+from gateway.metrics import NSFW_OUTCOMES, UPLOAD_OUTCOMES, UPLOAD_RESULTS, Metrics
 from tests.gateway.conftest import free_port
 from tests.gateway.faults import HANG, FaultServer
 
@@ -44,7 +44,7 @@ def test_fixed_vocabularies_exist_at_zero_before_anything_happens() -> None:
         assert value(text, "gateway_upload_attempts_total", outcome=outcome) == 0
     for result, status_class in UPLOAD_RESULTS:
         assert value(text, "gateway_uploads_total", result=result, status_class=status_class) == 0
-    for status in NSFW_STATUSES:
+    for status in NSFW_OUTCOMES:
         assert value(text, "gateway_nsfw_checks_total", status=status) == 0
     assert value(text, "gateway_generate_in_flight") == 0
 
