@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install models test triton serve demo bench lint clean
+.PHONY: install models tools test triton serve demo bench lint clean
 
 install: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 models: $(STAMP)
 	$(BIN)/python -m export.demo_models
 
-test: models
+# promtool, prometheus and docker-compose for tests/deploy: apt-get as root when missing.
+tools:
+	sh deploy/install-tools.sh
+
+test: models tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 triton: models

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,9 @@ class EncodedImage:
     md5: str
     width: int
     height: int
+    # Measured here, where the work happens: the gateway reports them as separate stages.
+    encode_seconds: float = 0.0
+    hash_seconds: float = 0.0
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int) -> EncodedImage:
@@ -29,10 +33,20 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> EncodedImage:
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"expected uint8 (H, W, 3) RGB, got {pixels.dtype} {pixels.shape}")
     height, width = pixels.shape[:2]
+    started = time.perf_counter()
     # frombuffer reads the tensor in place; only a non-contiguous view needs the copy.
     buffer = np.ascontiguousarray(pixels)
     image = Image.frombuffer("RGB", (width, height), buffer, "raw", "RGB", 0, 1)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality)
     data = out.getvalue()
-    return EncodedImage(data=data, md5=hashlib.md5(data, usedforsecurity=False).hexdigest(), width=width, height=height)
+    encoded = time.perf_counter()
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return EncodedImage(
+        data=data,
+        md5=md5,
+        width=width,
+        height=height,
+        encode_seconds=encoded - started,
+        hash_seconds=time.perf_counter() - encoded,
+    )

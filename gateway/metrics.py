@@ -12,12 +12,32 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
 )
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+# Encoding and hashing take milliseconds; the request buckets would put them all in the first.
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, *_LATENCY_BUCKETS)
+_SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+# The fixed vocabularies, created at zero so that the first failure after a restart is a visible
+# increase (Prometheus cannot see the step to a series' first value) and ratios exist at once.
+UPLOAD_OUTCOMES = (
+    "ok", "http_5xx", "http_429", "http_4xx", "redirect", "timeout", "connection_error",
+    "tls_error", "etag_mismatch",
+)
+UPLOAD_RESULTS = (
+    ("success", "2xx"),
+    ("failure", "2xx"),  # an ETag that is not the MD5 of the bytes sent
+    ("failure", "3xx"),
+    ("failure", "4xx"),
+    ("failure", "5xx"),
+    ("failure", "none"),  # storage never answered: timeouts, refused connections, TLS errors
+)
+NSFW_OUTCOMES = ("ok", "timeout", "error", "disabled")
 
 
 class Metrics:
@@ -41,9 +61,10 @@ class Metrics:
         )
         self.stage_latency = Histogram(
             "gateway_generate_stage_duration_seconds",
-            "Time spent in each stage of /generate (triton, encode, upload).",
+            "Time spent in each stage of /generate (triton, encode, hash, upload) and in all of "
+            "it after validation (total).",
             ["stage"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=_STAGE_BUCKETS,
             registry=self.registry,
         )
         self.triton_requests = Counter(
@@ -60,18 +81,53 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.upload_retries = Counter(
+            "gateway_upload_retries",
+            "PUT attempts that were retries of a failed attempt.",
+            registry=self.registry,
+        )
         self.uploads = Counter(
             "gateway_uploads",
-            "Uploads after all retries, by result (success, failure): the upload failure rate.",
-            ["result"],
+            "Uploads after all retries, by result (success, failure) and the class of storage's "
+            "last status (2xx..5xx, none): the upload failure rate.",
+            ["result", "status_class"],
             registry=self.registry,
         )
         self.nsfw_checks = Counter(
             "gateway_nsfw_checks",
-            "NSFW checks, by status (ok, timeout, error); non-ok statuses report score 1.0.",
+            "NSFW checks, by status (ok, timeout, error, disabled); timeout and error report "
+            "score 1.0.",
             ["status"],
             registry=self.registry,
         )
+        self.nsfw_score = Histogram(
+            "gateway_nsfw_score",
+            "NSFW scores the classifier gave (status ok; the fail-safe 1.0 is not observed).",
+            buckets=_SCORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.generate_in_flight = Gauge(
+            "gateway_generate_in_flight",
+            "/generate requests past validation and not yet answered.",
+            registry=self.registry,
+            # Summed over the live workers; a dead worker's file no longer counts.
+            multiprocess_mode="livesum",
+        )
+        for outcome in UPLOAD_OUTCOMES:
+            self.upload_attempts.labels(outcome)
+        for result, status_class in UPLOAD_RESULTS:
+            self.uploads.labels(result, status_class)
+        for status in NSFW_OUTCOMES:
+            self.nsfw_checks.labels(status)
+
+    def nsfw_checked(self, status: str | None, score: float | None) -> None:
+        """One /generate's NSFW outcome; `status` None means the check was not asked for."""
+        if status is None:
+            self.nsfw_checks.labels("disabled").inc()
+            return
+        self.nsfw_checks.labels(status if status in ("ok", "timeout") else "error").inc()
+        if status == "ok" and score is not None:
+            self.nsfw_score.observe(score)
 
     def render(self) -> bytes:
         if self._multiprocess_dir:

@@ -94,6 +94,12 @@ class UploadResult:
         statuses = [a.status for a in self.attempts if a.status is not None]
         return statuses[-1] if statuses else None
 
+    @property
+    def status_class(self) -> str:
+        """`2xx`..`5xx` for the last status, `none` when storage never answered (for metrics)."""
+        status = self.status
+        return f"{status // 100}xx" if status is not None else "none"
+
     def describe(self) -> str:
         last = self.attempts[-1]
         tries = len(self.attempts)
@@ -126,6 +132,8 @@ class Uploader:
             attempts.append(result)
             if self.metrics:
                 self.metrics.upload_attempts.labels(result.outcome).inc()
+                if result.number > 1:
+                    self.metrics.upload_retries.inc()
             if not result.ok:
                 # Host and path only: the query string carries the signature.
                 log.warning(
@@ -143,7 +151,9 @@ class Uploader:
         self.policy.retrying(self._sleep)(attempt)
         outcome = UploadResult(tuple(attempts))
         if self.metrics:
-            self.metrics.uploads.labels("success" if outcome.ok else "failure").inc()
+            self.metrics.uploads.labels(
+                "success" if outcome.ok else "failure", outcome.status_class
+            ).inc()
         return outcome
 
     def _connection(self, target: UploadUrl) -> HTTPConnection:

@@ -39,6 +39,9 @@ _CHANNEL_ARGS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Calls take turns over every address the target resolves to (`dns:///triton:8001` in
+    # front of several Triton replicas); gRPC's default sends them all to the first.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from gateway.errors import PayloadTooLarge, UploadFailed
 from gateway.imaging import encode_jpeg
 from gateway.openapi import build_openapi
-from gateway.request import check_inputs, parse_body
+from gateway.request import GenerateRequest, check_inputs, parse_body
 from gateway.services import Services
 from gateway.storage import UploadResult
 from gateway.urls import rewrite_url
@@ -52,11 +52,17 @@ def generate() -> Any:
     settings = svc.settings
     payload = parse_body(_read_body(settings.max_body_bytes), request.content_type)
     req = check_inputs(payload, settings)
+    with svc.metrics.generate_in_flight.track_inprogress(), _stage(svc, "total"):
+        return _generate(svc, req)
 
+
+def _generate(svc: Services, req: GenerateRequest) -> Any:
+    settings = svc.settings
     with _stage(svc, "triton"):
         generated = svc.triton.generate(req, settings.triton_deadline_s)
-    with _stage(svc, "encode"):
-        image = encode_jpeg(generated.image, settings.jpeg_quality)
+    image = encode_jpeg(generated.image, settings.jpeg_quality)
+    svc.metrics.stage_latency.labels("encode").observe(image.encode_seconds)
+    svc.metrics.stage_latency.labels("hash").observe(image.hash_seconds)
 
     data: dict[str, Any]
     upload: UploadResult | None = None
@@ -79,7 +85,10 @@ def generate() -> Any:
         }
     if req.enable_nsfw_check:
         data["nsfw_status"] = generated.nsfw_status
-        svc.metrics.nsfw_checks.labels(generated.nsfw_status or "error").inc()
+    svc.metrics.nsfw_checked(
+        (generated.nsfw_status or "error") if req.enable_nsfw_check else None,
+        generated.nsfw_score,
+    )
 
     log.info(
         "generated %dx%d (x%d) steps=%d nsfw=%s format=%s hash=%s%s",

@@ -162,8 +162,26 @@ def test_attempts_and_outcomes_are_counted(fault_server: FaultServer) -> None:
     text = metrics.render().decode()
     assert 'gateway_upload_attempts_total{outcome="http_5xx"} 1.0' in text
     assert 'gateway_upload_attempts_total{outcome="ok"} 1.0' in text
-    assert 'gateway_uploads_total{result="success"} 1.0' in text
+    assert 'gateway_uploads_total{result="success",status_class="2xx"} 1.0' in text
+    assert "gateway_upload_retries_total 1.0" in text
     assert "Signature" not in text and "127.0.0.1" not in text
+
+
+@pytest.mark.parametrize(
+    ("script", "status_class"),
+    [((503,), "5xx"), ((403,), "4xx"), ((503, HANG), "5xx"), ((HANG,), "none"), ((302,), "3xx")],
+)
+def test_failures_are_counted_by_the_class_of_the_last_status(
+    fault_server: FaultServer, script: tuple, status_class: str
+) -> None:
+    metrics = Metrics()
+    fault_server.set_script(*script)
+    result = put(fault_server.url, uploader(RetryPolicy(backoff=(0.01,)), timeout_s=0.3, metrics=metrics))
+    assert not result.ok and result.status_class == status_class
+    text = metrics.render().decode()
+    assert f'gateway_uploads_total{{result="failure",status_class="{status_class}"}} 1.0' in text
+    retries = len(result.attempts) - 1
+    assert f"gateway_upload_retries_total {float(retries)}" in text
 
 
 def test_logs_never_show_the_signature(fault_server: FaultServer, caplog: pytest.LogCaptureFixture) -> None:

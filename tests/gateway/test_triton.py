@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
 import numpy as np
 import pytest
+import urllib3
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import (
@@ -16,6 +22,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.triton import TritonGateway, _nsfw
+from tests.gateway.conftest import free_port
 
 
 class Outputs:
@@ -89,3 +96,46 @@ def test_grpc_failures_map_to_http_never_500(
     assert type(mapped) is error and mapped.status == http
     if http in (429, 503):
         assert mapped.retry_after == 7
+
+
+class LiveOnly(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """A real gRPC server speaking Triton's protocol, answering liveness only, counting calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def ServerLive(self, request: Any, context: Any) -> Any:
+        self.calls += 1
+        return service_pb2.ServerLiveResponse(live=True)
+
+
+def test_calls_take_turns_over_every_address_of_the_target() -> None:
+    """Several Triton replicas behind one name: each gets calls, not just the first address."""
+    port = free_port()
+    replicas, servers = [], []
+    for host in ("127.0.0.1", "127.0.0.2"):
+        replica, server = LiveOnly(), grpc.server(ThreadPoolExecutor(2))
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(replica, server)
+        assert server.add_insecure_port(f"{host}:{port}") == port
+        server.start()
+        replicas.append(replica)
+        servers.append(server)
+    gateway = TritonGateway(
+        f"ipv4:127.0.0.1:{port},127.0.0.2:{port}",  # what a DNS name with two records gives
+        f"http://127.0.0.1:{free_port()}/metrics",
+        model="txt2img",
+        nsfw_model="txt2img_nsfw",
+        probe_timeout_s=5,
+        retry_after_s=1,
+        http=urllib3.PoolManager(),
+    )
+    try:
+        for _ in range(20):
+            assert gateway.client.is_server_live(client_timeout=5)
+    finally:
+        gateway.close()
+        for server in servers:
+            server.stop(None)
+    # Both take calls (the split is even once both connections are up, 10 and 10 here).
+    calls = [r.calls for r in replicas]
+    assert sum(calls) == 20 and min(calls) > 0, calls

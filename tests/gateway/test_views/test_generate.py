@@ -268,7 +268,7 @@ def test_signatures_stay_out_of_logs_and_metrics(
         assert secret not in caplog.text
         assert secret not in metrics
     assert "upload attempt" in caplog.text  # the failures were logged, redacted
-    assert 'gateway_uploads_total{result="failure"} 1.0' in metrics
+    assert 'gateway_uploads_total{result="failure",status_class="5xx"} 1.0' in metrics
     assert 'gateway_upload_attempts_total{outcome="http_5xx"} 4.0' in metrics
 
 
@@ -280,7 +280,7 @@ def test_metrics_count_requests_and_nsfw_outcomes(triton_client: FlaskClient, fa
     assert 'gateway_http_requests_total{endpoint="/generate",method="POST",status="400"} 1.0' in text
     assert 'gateway_nsfw_checks_total{status="ok"} 1.0' in text
     assert 'gateway_triton_requests_total{model="txt2img_nsfw",outcome="ok"} 1.0' in text
-    assert 'gateway_uploads_total{result="success"} 1.0' in text
+    assert 'gateway_uploads_total{result="success",status_class="2xx"} 1.0' in text
     assert "a red bicycle" not in text
 
 

@@ -1,0 +1,17 @@
+# The gateway: Flask under gunicorn, configured only by GATEWAY_* variables (README, Settings).
+# Build context: the repository root (docker-compose.yml sets it).
+FROM python:3.11-slim
+
+COPY deploy/docker/gateway-requirements.txt /tmp/requirements.txt
+RUN python -m pip install --no-cache-dir -r /tmp/requirements.txt \
+ && useradd --system --no-create-home --shell /usr/sbin/nologin gateway
+
+COPY gateway /app/gateway
+WORKDIR /app
+ENV PYTHONPATH=/app PYTHONUNBUFFERED=1 \
+    GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8080
+USER gateway
+EXPOSE 8080
+# gunicorn.conf.py reads bind, workers and threads from the same settings, and sets up the
+# shared metrics directory when there are several workers.
+CMD ["python", "-m", "gunicorn", "--config", "gateway/gunicorn.conf.py", "gateway:create_app()"]

@@ -1,0 +1,19 @@
+# Triton for the imagegen models: NGC's tritonserver 24.10 (Triton 2.51.0, the version of the
+# binary the tests run through nvidia-pytriton) plus what the Python-backend models import.
+# Build context: the repository root (docker-compose.yml sets it).
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+# The backend stub runs this image's python3 (3.10); pip picks the newest releases that still
+# support it. torch comes alone from PyTorch's CUDA 12.6 index, the CUDA of this image (PyPI's
+# default torch wheels may want a newer driver); numpy<2 because the 2.51 stub crashes on
+# string tensors with numpy 2.
+RUN python3 -m pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu126 \
+        "torch>=2.6" \
+ && python3 -m pip install --no-cache-dir \
+        "numpy<2" "diffusers>=0.30" "transformers>=5" "safetensors" "huggingface-hub" \
+        "onnxruntime-gpu>=1.18" "pillow>=10"
+
+COPY deploy/docker/set_instances.py deploy/docker/triton-entrypoint.sh /opt/imagegen/
+# The repository is mounted at /models (docker-compose.yml); this copy serves when it is not.
+COPY model_repository /models
+ENTRYPOINT ["/opt/imagegen/triton-entrypoint.sh"]

@@ -1,0 +1,148 @@
+"""docker-compose.yml and deploy/docker: validated by Debian's docker-compose (no Docker engine
+here, so nothing is built or run), and checked against the project's own facts: the gateway's
+settings, the models in the repository, the Prometheus config, the embedded Triton's version."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from importlib.metadata import packages_distributions
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from embedded.triton import DEFAULT_REPOSITORY
+from gateway.settings import Settings
+from tests.deploy.tools import require
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "deploy" / "docker"
+# NGC's release notes: the 24.10 container is Triton 2.51.0.
+NGC_TAG, TRITON_VERSION = "24.10-py3", "2.51.0"
+
+
+def compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    # The file's defaults, not whatever this shell happens to export.
+    environ = {
+        k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "TRITON_", "IMAGEGEN_"))
+    }
+    return subprocess.run(
+        [require("docker-compose"), "-f", str(ROOT / "docker-compose.yml"), *args],
+        cwd=ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    checked = compose("config", "-q")
+    assert checked.returncode == 0, checked.stderr
+    resolved = compose("config")
+    assert resolved.returncode == 0, resolved.stderr
+    return yaml.safe_load(resolved.stdout)["services"]
+
+
+def test_the_three_services(services: dict[str, Any]) -> None:
+    assert set(services) == {"triton", "gateway", "prometheus"}
+
+
+def test_triton_has_a_gpu_shared_memory_the_repository_and_the_weights(services: dict[str, Any]) -> None:
+    triton = services["triton"]
+    [device] = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    size = re.fullmatch(r"(\d+)gb", str(triton["shm_size"]))
+    assert size and int(size.group(1)) >= 1, triton["shm_size"]
+    mounts = {volume.split(":")[1]: volume for volume in triton["volumes"]}
+    assert mounts["/models"] == f"{DEFAULT_REPOSITORY}:/models:ro"
+    env = triton["environment"]
+    for variable in ("IMAGEGEN_DIFFUSION_MODEL", "IMAGEGEN_NSFW_ONNX"):
+        assert env[variable].startswith("/weights/")
+    assert "/weights" in mounts
+
+
+def test_every_model_with_instances_has_its_count_variable(services: dict[str, Any]) -> None:
+    env = services["triton"]["environment"]
+    models = [
+        path.parent.name
+        for path in DEFAULT_REPOSITORY.glob("*/config.pbtxt")
+        if "instance_group" in path.read_text()
+    ]
+    assert sorted(models) == ["diffusion", "nsfw", "upscaler"]
+    assert {k for k in env if k.startswith("TRITON_INSTANCES_")} == {
+        f"TRITON_INSTANCES_{m.upper()}" for m in models
+    }
+    raised = compose("config", TRITON_INSTANCES_DIFFUSION="3")
+    assert yaml.safe_load(raised.stdout)["services"]["triton"]["environment"][
+        "TRITON_INSTANCES_DIFFUSION"
+    ] == "3"
+
+
+def test_the_triton_image_is_the_version_the_tests_run(triton: Any) -> None:
+    dockerfile = (DOCKER / "triton.Dockerfile").read_text()
+    assert re.search(rf"^FROM nvcr\.io/nvidia/tritonserver:{re.escape(NGC_TAG)}$", dockerfile, re.MULTILINE)
+    with urllib.request.urlopen(f"{triton.http_url}/v2", timeout=10) as resp:
+        assert json.loads(resp.read())["version"] == TRITON_VERSION
+    assert '"numpy<2"' in dockerfile  # the 2.51 stub and numpy 2 (DESIGN.md)
+    entrypoint = (DOCKER / "triton-entrypoint.sh").read_text()
+    assert "set_instances.py" in entrypoint and "exec tritonserver" in entrypoint
+
+
+def test_the_gateway_starts_with_these_settings(services: dict[str, Any]) -> None:
+    env = {k: str(v) for k, v in services["gateway"]["environment"].items()}
+    settings = Settings.from_env(env)  # an unknown or bad GATEWAY_* would stop the gateway
+    assert settings.host == "0.0.0.0" and settings.workers > 1
+    assert settings.triton_url == "dns:///triton:8001"
+    assert settings.triton_metrics_url == "http://triton:8002/metrics"
+    [port] = services["gateway"]["ports"]
+    assert port["target"] == settings.port
+
+
+def test_prometheus_scrapes_the_ports_the_services_serve(services: dict[str, Any]) -> None:
+    prometheus = services["prometheus"]
+    assert f"{ROOT / 'deploy' / 'prometheus'}:/etc/prometheus:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job["dns_sd_configs"][0] for job in config["scrape_configs"]}
+    gateway_port = int(services["gateway"]["environment"]["GATEWAY_PORT"])
+    assert jobs["gateway"] == {"names": ["gateway"], "type": "A", "port": gateway_port}
+    assert jobs["triton"] == {"names": ["triton"], "type": "A", "port": 8002}
+    assert "8002" in services["triton"]["expose"]
+    # The image runs the Prometheus whose promtool checks the rules here.
+    version = subprocess.run(
+        [require("promtool"), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    promtool = re.search(r"version (\d+\.\d+)\.", version)
+    assert promtool and prometheus["image"].startswith(f"prom/prometheus:v{promtool.group(1)}.")
+
+
+def _third_party_imports(folder: Path) -> set[str]:
+    modules = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return {m for m in modules if m not in sys.stdlib_module_names and m != folder.name}
+
+
+def test_the_gateway_image_installs_everything_the_gateway_imports() -> None:
+    listed = {
+        re.split(r"[\[<>=!~;\s]", line, maxsplit=1)[0].lower().replace("_", "-")
+        for line in (DOCKER / "gateway-requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    distributions = packages_distributions()
+    imported = _third_party_imports(ROOT / "gateway")
+    assert {"flask", "tritonclient", "prometheus_client"} <= imported
+    for module in imported:
+        names = {d.lower().replace("_", "-") for d in distributions[module]}
+        assert names & listed, f"gateway/ imports {module} ({names}); not in gateway-requirements.txt"
+    dockerfile = (DOCKER / "gateway.Dockerfile").read_text()
+    assert "gunicorn" in listed and '"gunicorn", "--config", "gateway/gunicorn.conf.py"' in dockerfile

@@ -1,0 +1,186 @@
+"""The gateway's metrics: fixed vocabularies, the stages of /generate, requests in flight, and
+the totals under gunicorn with two workers (prometheus_client's multi-process mode)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import Settings
+from gateway.metrics import NSFW_OUTCOMES, UPLOAD_OUTCOMES, UPLOAD_RESULTS, Metrics
+from tests.gateway.conftest import free_port
+from tests.gateway.faults import HANG, FaultServer
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return samples(text).get((name, frozenset(labels.items())))
+
+
+def test_fixed_vocabularies_exist_at_zero_before_anything_happens() -> None:
+    text = Metrics().render().decode()
+    for outcome in UPLOAD_OUTCOMES:
+        assert value(text, "gateway_upload_attempts_total", outcome=outcome) == 0
+    for result, status_class in UPLOAD_RESULTS:
+        assert value(text, "gateway_uploads_total", result=result, status_class=status_class) == 0
+    for status in NSFW_OUTCOMES:
+        assert value(text, "gateway_nsfw_checks_total", status=status) == 0
+    assert value(text, "gateway_generate_in_flight") == 0
+
+
+def test_nsfw_outcomes_and_only_real_scores_in_the_histogram() -> None:
+    metrics = Metrics()
+    metrics.nsfw_checked("ok", 0.03)
+    metrics.nsfw_checked("ok", 0.97)
+    metrics.nsfw_checked("timeout", 1.0)
+    metrics.nsfw_checked("surprise", 1.0)  # anything unknown from the model counts as an error
+    metrics.nsfw_checked(None, None)
+    text = metrics.render().decode()
+    assert value(text, "gateway_nsfw_checks_total", status="ok") == 2
+    assert value(text, "gateway_nsfw_checks_total", status="timeout") == 1
+    assert value(text, "gateway_nsfw_checks_total", status="error") == 1
+    assert value(text, "gateway_nsfw_checks_total", status="disabled") == 1
+    assert value(text, "gateway_nsfw_score_count") == 2
+    assert value(text, "gateway_nsfw_score_bucket", le="0.05") == 1
+    assert value(text, "gateway_nsfw_score_sum") == 1.0
+
+
+def test_stages_and_in_flight_of_one_generate(
+    make_app: Any, triton_settings: Settings, fault_server: FaultServer
+) -> None:
+    """While the upload hangs, the request is in flight; afterwards every stage has one sample."""
+    fault_server.set_script(HANG)
+    app = make_app(triton_settings.replace(upload_timeout_s=1.5, upload_backoff=()))
+    body = {
+        "prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 1,
+        "upscale": False, "enable_nsfw_check": True, "s3_prefix": f"{fault_server.url}/b/1.png",
+    }
+    answers: list[int] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(app.test_client().post("/generate", json=body).status_code)
+    )
+    worker.start()
+    scrape = app.test_client()
+    deadline = time.monotonic() + 60
+    # The upload has started (and hangs): generation, encoding and hashing are done.
+    while not fault_server.requests and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text_during = scrape.get("/metrics").get_data(as_text=True)
+    worker.join(60)
+    assert answers == [502]
+    assert value(text_during, "gateway_generate_in_flight") == 1
+    text = scrape.get("/metrics").get_data(as_text=True)
+    assert value(text, "gateway_generate_in_flight") == 0
+    for stage in ("triton", "encode", "hash", "upload", "total"):
+        assert value(text, "gateway_generate_stage_duration_seconds_count", stage=stage) == 1, stage
+    total = value(text, "gateway_generate_stage_duration_seconds_sum", stage="total")
+    upload = value(text, "gateway_generate_stage_duration_seconds_sum", stage="upload")
+    assert total is not None and upload is not None and 1.5 <= upload <= total
+    assert value(text, "gateway_uploads_total", result="failure", status_class="none") == 1
+    assert value(text, "gateway_nsfw_checks_total", status="ok") == 1
+    assert value(text, "gateway_nsfw_score_count") == 1
+
+
+def _get(url: str, body: bytes | None = None) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _healthz_by_worker(metrics_dir: Path) -> dict[str, float]:
+    """Each worker's own count of /healthz, read from its multi-process file."""
+    counts = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = re.fullmatch(r"counter_(\d+)\.db", path.name)
+        assert pid, path.name
+        for metric in MultiProcessCollector.merge([str(path)], accumulate=False):
+            for s in metric.samples:
+                if s.name == "gateway_http_requests_total" and s.labels.get("endpoint") == "/healthz":
+                    counts[pid.group(1)] = counts.get(pid.group(1), 0) + s.value
+    return counts
+
+
+def test_gunicorn_with_two_workers_reports_totals_summed_over_workers(tmp_path: Path) -> None:
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROMETHEUS_"))}
+    env.update(
+        GATEWAY_PORT=str(port),
+        GATEWAY_WORKERS="2",
+        GATEWAY_THREADS="4",
+        GATEWAY_METRICS_DIR=str(metrics_dir),
+        GATEWAY_TRITON_URL=f"127.0.0.1:{free_port()}",  # no Triton: /healthz does not need it
+        PYTHONPATH=str(PROJECT_ROOT),
+    )
+    log = (tmp_path / "gunicorn.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--config", "gateway/gunicorn.conf.py", "gateway:create_app()"],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        # Each worker writes its file when it builds the app; two files: both workers are up.
+        while len(list(metrics_dir.glob("counter_*.db"))) < 2:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
+            time.sleep(0.2)
+        while True:
+            try:
+                if _get(f"{base}/healthz") == 200:
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+
+        sent = 1
+        with ThreadPoolExecutor(8) as pool:
+            # Which worker accepts a connection is the kernel's choice: send until both have.
+            while len(_healthz_by_worker(metrics_dir)) < 2:
+                assert sent < 2000, "one gunicorn worker served every request"
+                assert set(pool.map(lambda _: _get(f"{base}/healthz"), range(16))) == {200}
+                sent += 16
+            invalid = pool.map(lambda _: _get(f"{base}/generate", b'{"width": 64}'), range(5))
+            bad = sum(1 for status in invalid if status == 400)
+
+        per_worker = _healthz_by_worker(metrics_dir)
+        assert len(per_worker) == 2 and sum(per_worker.values()) == sent
+        for _ in range(3):  # any worker may answer the scrape; each reports the same totals
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            assert value(text, "gateway_http_requests_total", endpoint="/healthz", method="GET", status="200") == sent
+            assert value(text, "gateway_http_requests_total", endpoint="/generate", method="POST", status="400") == bad == 5
+            assert value(text, "gateway_uploads_total", result="failure", status_class="5xx") == 0
+            assert value(text, "gateway_generate_in_flight") == 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
