@@ -75,10 +75,3 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         # Pillow's messages can echo file contents; the client gets a fixed text.
         raise ImageRejected("image is not a readable JPEG, PNG or WebP image") from None
     return DecodedImage(pixels, image_format, pixels.shape[1], pixels.shape[0])
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    """Lossless, for sending a decoded image on where its own format is not accepted."""
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()

@@ -14,13 +14,15 @@ from typing import Any
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
-from gateway.imaging import DecodedImage, ImageRejected, decode_image, encode_png
+from gateway.imaging import DecodedImage, ImageRejected, decode_image, encode_jpeg
 from gateway.request import FieldSpec, check_deepfake_configured, check_fields
 from gateway.settings import Settings
 
 _DATA_URL = re.compile(r"data:[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+;base64,", re.ASCII)
-# The deepfake API takes JPEG and PNG; other formats are sent as a lossless PNG.
+# The deepfake API takes JPEG and PNG; WebP is re-encoded as JPEG. Not as PNG: a lossless copy
+# of a large image took seconds of CPU here and could never fit the API's inline limit anyway.
 _API_MIME = {"JPEG": "image/jpeg", "PNG": "image/png"}
+_REENCODE_QUALITY = 95
 
 
 def moderate_fields(settings: Settings) -> tuple[FieldSpec, ...]:
@@ -58,7 +60,7 @@ class ModerateRequest:
         mime = _API_MIME.get(self.image.format)
         if mime is not None:
             return self.data, mime
-        return encode_png(self.image.pixels), "image/png"
+        return encode_jpeg(self.image.pixels, _REENCODE_QUALITY).data, "image/jpeg"
 
 
 def body_limit(settings: Settings) -> int:

@@ -93,7 +93,7 @@ def deepfake_client(
 
 
 @pytest.mark.parametrize(
-    ("image_format", "mime"), [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/png")]
+    ("image_format", "mime"), [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/jpeg")]
 )
 def test_the_deepfake_check_gets_the_image(
     deepfake_client: FlaskClient, nvidia_api: FaultServer, image_format: str, mime: str
@@ -107,11 +107,14 @@ def test_the_deepfake_check_gets_the_image(
     request = sent(nvidia_api.requests[0])
     assert request.mime == mime
     assert request.authorization == f"Bearer {API_KEY}"
-    if image_format == "WEBP":  # not taken by the API: sent as a lossless PNG of the same pixels
-        assert np.array_equal(
-            np.asarray(Image.open(io.BytesIO(request.image)).convert("RGB")),
-            np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
-        )
+    if image_format == "WEBP":  # not taken by the API: sent as a JPEG of the same pixels
+        with Image.open(io.BytesIO(request.image)) as reencoded:
+            assert reencoded.format == "JPEG"
+            difference = np.asarray(reencoded.convert("RGB")).astype(int) - np.asarray(
+                Image.open(io.BytesIO(data)).convert("RGB")
+            )
+        # JPEG loss on hard color edges; random pixels would differ by ~100.
+        assert np.abs(difference).mean() < 8
     else:
         assert request.image == data  # the bytes exactly as received
 
