@@ -52,6 +52,9 @@ class DeepfakeResult:
     def failed(cls, status: str) -> DeepfakeResult:
         return cls(1.0, status)
 
+    def response_fields(self) -> dict[str, Any]:
+        return {"deepfake_score": self.score, "deepfake_status": self.status}
+
 
 @dataclass(frozen=True)
 class _Attempt:

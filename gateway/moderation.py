@@ -9,13 +9,12 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.imaging import DecodedImage, ImageRejected, decode_image, encode_jpeg
-from gateway.request import FieldSpec, check_deepfake_configured, check_fields
+from gateway.request import FieldSpec, check_deepfake_configured, check_fields, parse_body
 from gateway.settings import Settings
 
 _DATA_URL = re.compile(r"data:[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+;base64,", re.ASCII)
@@ -68,7 +67,14 @@ def body_limit(settings: Settings) -> int:
     return 4 * math.ceil(settings.moderate_max_bytes / 3) + settings.max_body_bytes
 
 
-def check_moderate_json(payload: Any, settings: Settings) -> ModerateRequest:
+def check_moderate_json(raw: bytes, content_type: str | None, settings: Settings) -> ModerateRequest:
+    try:
+        payload = parse_body(raw, content_type)
+    except UnsupportedMediaType:
+        raise UnsupportedMediaType(
+            "send the image in a JSON body (Content-Type: application/json) or as a "
+            "multipart/form-data upload"
+        ) from None
     values = check_fields(payload, moderate_fields(settings))
     return _checked(_b64decode(values["image"]), values["enable_deepfake_check"], settings)
 

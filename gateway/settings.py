@@ -86,10 +86,10 @@ def _parse_http_url(raw: str) -> str:
 
 
 def _parse_secret(raw: str) -> str | None:
-    # It goes into an Authorization header: a space or control character would break it.
+    # It goes into an Authorization header: only printable ASCII without spaces fits there.
     value = raw.strip()
-    if any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise ValueError("has a space or control character")
+    if not value.isascii() or any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("has a space, a control or a non-ASCII character")
     return value or None
 
 

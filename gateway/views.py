@@ -91,9 +91,7 @@ def generate() -> Any:
         data["nsfw_status"] = generated.nsfw_status
         svc.metrics.nsfw_checks.labels(generated.nsfw_status or "error").inc()
     if deepfake is not None:
-        checked = deepfake.result()
-        data["deepfake_score"] = checked.score
-        data["deepfake_status"] = checked.status
+        data.update(deepfake.result().response_fields())
 
     log.info(
         "generated %dx%d (x%d) steps=%d nsfw=%s deepfake=%s format=%s hash=%s%s",
@@ -123,7 +121,7 @@ def moderate() -> Any:
     if request.mimetype == "multipart/form-data":
         req = check_moderate_form(request.form, request.files, settings)
     else:
-        req = check_moderate_json(parse_body(_read_body(limit), request.content_type), settings)
+        req = check_moderate_json(_read_body(limit), request.content_type, settings)
 
     deepfake = _start_deepfake(svc, *req.api_image()) if req.enable_deepfake_check else None
     started = time.perf_counter()
@@ -136,9 +134,7 @@ def moderate() -> Any:
         "nsfw_status": nsfw_status,
     }
     if deepfake is not None:
-        checked = deepfake.result()
-        data["deepfake_score"] = checked.score
-        data["deepfake_status"] = checked.status
+        data.update(deepfake.result().response_fields())
 
     log.info(
         "moderated %s %dx%d nsfw=%s deepfake=%s hash=%s",
