@@ -178,7 +178,7 @@ def test_a_hanging_api_is_a_timeout_scoring_1_within_the_budget(
     result = make_client(budget_s=0.8).start(JPEG).result()
     elapsed = time.monotonic() - started
     assert result == DeepfakeResult(1.0, "timeout")
-    assert 0.7 <= elapsed <= 0.8 + 0.2
+    assert 0.7 <= elapsed <= 0.8 + 0.5  # slack for a busy machine, not for the check
 
 
 def test_retries_never_outrun_the_budget(make_client: MakeClient, nvidia_api: FaultServer) -> None:

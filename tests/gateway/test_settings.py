@@ -133,7 +133,7 @@ def test_the_api_key_is_never_shown() -> None:
     settings = Settings.from_env({"GATEWAY_NVIDIA_API_KEY": "nvapi-s3cr3t"})
     assert "s3cr3t" not in repr(settings) and "s3cr3t" not in str(settings)
     # A key that cannot go into a header fails at start without being echoed.
-    for bad in ("nvapi-s3cr3t\r\nX-Evil: 1", "nvapi-s3cr3t é"):
+    for bad in ("nvapi-s3cr3t\r\nX-Evil: 1", "nvapi-s3cr3té"):
         with pytest.raises(SettingsError) as err:
             Settings.from_env({"GATEWAY_NVIDIA_API_KEY": bad})
         assert "NVIDIA_API_KEY" in str(err.value) and "s3cr3t" not in str(err.value)

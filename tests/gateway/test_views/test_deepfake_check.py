@@ -102,7 +102,7 @@ def test_a_failing_or_hanging_api_scores_1_without_stopping_the_upload(
     assert sent(nvidia_api.requests[0]).image == put.body
     # The answer came within the budget of the first call to the API.
     waited = answered - nvidia_api.requests[0].at
-    assert waited <= BUDGET_S + 0.3, waited
+    assert waited <= BUDGET_S + 0.5, waited  # slack for a busy machine
     if reply == 500:
         assert len(nvidia_api.requests) >= 2  # retried inside the budget
     else:
