@@ -202,6 +202,11 @@ class DeepfakeClient:
             if result is None:
                 return _Attempt(number, "bad_response", DeepfakeResult.failed("error"), status)
             return _Attempt(number, "ok", result, status)
+        if status == 202:
+            # NVCF's "not done yet, poll with NVCF-REQID": not followed up here, so no answer.
+            return _Attempt(number, "pending", DeepfakeResult.failed("error"), status)
+        if status < 300:
+            return _Attempt(number, "bad_response", DeepfakeResult.failed("error"), status)
         if 300 <= status < 400:
             # The key must not follow a redirect to a host nobody configured.
             return _Attempt(number, "redirect", DeepfakeResult.failed("error"), status)

@@ -82,7 +82,7 @@ class Metrics:
         self.deepfake_attempts = Counter(
             "gateway_deepfake_api_attempts",
             "Calls to the deepfake API, by outcome (ok, http_429, http_5xx, http_4xx, redirect, "
-            "timeout, connection_error, bad_response).",
+            "pending (NVCF's 202), timeout, connection_error, bad_response).",
             ["outcome"],
             registry=self.registry,
         )

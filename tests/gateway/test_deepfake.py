@@ -160,6 +160,17 @@ def test_other_4xx_are_not_retried(
     assert len(nvidia_api.requests) == 1
 
 
+def test_a_pending_answer_is_not_polled_and_counts_as_an_error(
+    make_client: MakeClient, nvidia_api: FaultServer
+) -> None:
+    # NVCF answers 202 with an NVCF-REQID to poll when the result is not ready in its window.
+    metrics = Metrics()
+    nvidia_api.set_script(Respond(202, headers=(("NVCF-REQID", "0f3c"),), etag=None))
+    assert make_client(metrics=metrics).start(JPEG).result() == DeepfakeResult(1.0, "error")
+    assert len(nvidia_api.requests) == 1
+    assert 'gateway_deepfake_api_attempts_total{outcome="pending"} 1.0' in metrics.render().decode()
+
+
 def test_a_redirect_is_not_followed(make_client: MakeClient, nvidia_api: FaultServer) -> None:
     elsewhere = FaultServer().start()
     try:
