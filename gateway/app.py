@@ -6,11 +6,13 @@ import logging
 import os
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import urllib3
 from flask import Flask, Response, g, request
 
 from gateway import views
+from gateway.deepfake import DeepfakeClient
 from gateway.errors import register_error_handlers
 from gateway.metrics import Metrics
 from gateway.services import Services
@@ -51,11 +53,29 @@ def create_app(config: Settings | None = None) -> Flask:
             ssl_context=_ssl_context(settings.upload_ca_bundle),
             metrics=metrics,
         ),
+        deepfake=_deepfake_client(settings, metrics),
     )
     register_error_handlers(app)
     app.register_blueprint(views.bp)
     _count_requests(app, metrics)
     return app
+
+
+def _deepfake_client(settings: Settings, metrics: Metrics) -> DeepfakeClient | None:
+    if settings.nvidia_api_key is None:
+        return None
+    return DeepfakeClient(
+        url=settings.nvidia_api_url,
+        api_key=settings.nvidia_api_key,
+        budget_s=settings.deepfake_budget_s,
+        max_image_bytes=settings.deepfake_max_image_bytes,
+        http=urllib3.PoolManager(
+            num_pools=1, maxsize=settings.threads, retries=False, ssl_context=_ssl_context(None)
+        ),
+        # One check per request in flight at most: as many workers as request threads.
+        executor=ThreadPoolExecutor(settings.threads, thread_name_prefix="deepfake"),
+        metrics=metrics,
+    )
 
 
 def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:

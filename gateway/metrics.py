@@ -113,6 +113,28 @@ class Metrics:
             # Summed over the live workers; a dead worker's file no longer counts.
             multiprocess_mode="livesum",
         )
+        self.deepfake_checks = Counter(
+            "gateway_deepfake_checks",
+            "Deepfake checks, by status (ok, no_face, content_filtered, too_large, timeout, "
+            "error); every status but ok and no_face reports score 1.0.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.deepfake_attempts = Counter(
+            "gateway_deepfake_api_attempts",
+            "Calls to the deepfake API, by outcome (ok, http_429, http_5xx, http_4xx, redirect, "
+            "pending (NVCF's 202), timeout, connection_error, bad_response).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.moderation_latency = Histogram(
+            "gateway_moderation_duration_seconds",
+            "Time the gateway waited for each moderation signal (deepfake: /generate and "
+            "/moderate; nsfw: /moderate, where the classifier runs alone).",
+            ["signal"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         for outcome in UPLOAD_OUTCOMES:
             self.upload_attempts.labels(outcome)
         for result, status_class in UPLOAD_RESULTS:

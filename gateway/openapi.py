@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.deepfake import STATUSES as DEEPFAKE_STATUSES
+from gateway.moderation import moderate_fields
 from gateway.request import FieldSpec, request_fields
 from gateway.settings import Settings
 
@@ -22,7 +24,8 @@ _SPEC_EXAMPLE = {
 
 _ERRORS = {
     "400": "Invalid request: malformed JSON, a wrong, missing or unknown field (named in "
-    "`error.field`), or an s3_prefix that is not an allowed http(s) URL with a file name.",
+    "`error.field`), an s3_prefix that is not an allowed http(s) URL with a file name, or "
+    "enable_deepfake_check on a gateway without an NVIDIA API key.",
     "413": "Body larger than GATEWAY_MAX_BODY_BYTES.",
     "415": "Body not sent as application/json.",
     "429": "Triton's queue is full; retry after `Retry-After` seconds.",
@@ -30,6 +33,18 @@ _ERRORS = {
     "(`error.code` upload_failed, with the `data` block: hash, score, last storage status).",
     "503": "Triton or the model is unavailable; retry after `Retry-After` seconds.",
     "504": "Generation did not finish within GATEWAY_TRITON_DEADLINE_S.",
+}
+
+_MODERATE_ERRORS = {
+    "400": "Invalid request: a wrong, missing or unknown field (named in `error.field`); an "
+    "image that is not a readable JPEG, PNG or WebP, or has more than "
+    "GATEWAY_MODERATE_MAX_PIXELS pixels; enable_deepfake_check without an NVIDIA API key.",
+    "413": "Image larger than GATEWAY_MODERATE_MAX_BYTES (or the body larger than its base64).",
+    "415": "Body neither application/json nor multipart/form-data.",
+    "429": _ERRORS["429"],
+    "502": "The NSFW model failed.",
+    "503": _ERRORS["503"],
+    "504": "The NSFW model did not answer within GATEWAY_TRITON_DEADLINE_S.",
 }
 
 
@@ -109,6 +124,20 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         "pattern": "^[0-9a-f]{32}$",
         "description": "MD5 (hex) of exactly the JPEG bytes uploaded or returned.",
     }
+    deepfake_score = {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "Highest is_deepfake over all faces (NVIDIA's deepfake detection); 0.0 "
+        "with no_face; 1.0 with every other status but ok. Present only when "
+        "enable_deepfake_check is true.",
+    }
+    deepfake_status = {
+        "type": "string",
+        "enum": list(DEEPFAKE_STATUSES),
+        "description": "too_large: not sent (over GATEWAY_DEEPFAKE_MAX_IMAGE_BYTES); timeout: "
+        "past GATEWAY_DEEPFAKE_BUDGET_S. Present only when enable_deepfake_check is true.",
+    }
     s3_data = {
         "type": "object",
         "required": ["s3_url", "nsfw_score", "image_hash", "s3_upload_status"],
@@ -125,6 +154,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 "description": "Last HTTP status from storage; null when it never answered.",
             },
             "nsfw_status": nsfw_status,
+            "deepfake_score": deepfake_score,
+            "deepfake_status": deepfake_status,
         },
     }
     b64_data = {
@@ -136,6 +167,39 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "nsfw_score": nsfw_score,
             "image_hash": image_hash,
             "nsfw_status": nsfw_status,
+            "deepfake_score": deepfake_score,
+            "deepfake_status": deepfake_status,
+        },
+    }
+    moderate_specs = moderate_fields(settings)
+    moderate_request = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [f.name for f in moderate_specs if f.required],
+        "properties": {f.name: _field_schema(f) for f in moderate_specs},
+    }
+    moderate_form = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["image"],
+        "properties": {
+            **moderate_request["properties"],
+            "image": {
+                "type": "string",
+                "contentMediaType": "application/octet-stream",
+                "description": "The image file (JPEG, PNG or WebP), raw bytes.",
+            },
+        },
+    }
+    moderate_data = {
+        "type": "object",
+        "required": ["image_hash", "nsfw_score", "nsfw_status"],
+        "properties": {
+            "image_hash": {**image_hash, "description": "MD5 (hex) of the image as received."},
+            "nsfw_score": {**nsfw_score, "type": "number"},
+            "nsfw_status": {**nsfw_status, "description": "The NSFW model's status."},
+            "deepfake_score": deepfake_score,
+            "deepfake_status": deepfake_status,
         },
     }
     error_schema = {
@@ -220,6 +284,34 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/moderate": {
+                "post": {
+                    "summary": "Score an existing image: the NSFW model and, when asked, "
+                    "NVIDIA's deepfake detection.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ModerateRequest"}},
+                            "multipart/form-data": {"schema": moderate_form},
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Scored.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["data"],
+                                        "properties": {"data": {"$ref": "#/components/schemas/ModerateData"}},
+                                    }
+                                }
+                            },
+                        },
+                        **{status: error(text, status) for status, text in _MODERATE_ERRORS.items()},
+                    },
+                }
+            },
             "/healthz": {"get": {"summary": "The process is alive.",
                                  "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {
@@ -244,6 +336,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 "GenerateRequest": request_schema,
                 "S3Data": s3_data,
                 "B64Data": b64_data,
+                "ModerateRequest": moderate_request,
+                "ModerateData": moderate_data,
                 "Error": error_schema,
                 "Readiness": readiness,
             }

@@ -94,6 +94,12 @@ def request_fields(settings: Settings) -> tuple[FieldSpec, ...]:
             default=True,
         ),
         FieldSpec(
+            "enable_deepfake_check", "boolean",
+            "Also send the JPEG to NVIDIA's deepfake detection, concurrently with the upload; "
+            "refused when the gateway has no API key. JSON boolean or \"true\"/\"false\".",
+            default=False,
+        ),
+        FieldSpec(
             "seed", "integer", "Random seed; absent means random. JSON integer or digit string.",
             minimum=0, maximum=_MAX_SEED,
         ),
@@ -116,6 +122,7 @@ class GenerateRequest:
     upscale: bool
     s3_prefix: str | None
     enable_nsfw_check: bool
+    enable_deepfake_check: bool
     seed: int | None
     guidance_scale: float | None
     # s3_prefix, parsed and checked against the allowlist; None unless response_format is s3.
@@ -171,11 +178,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def check_inputs(payload: Any, settings: Settings) -> GenerateRequest:
-    """Validate a decoded body against the contract; raises `InvalidRequest` naming the field."""
+def check_fields(payload: Any, fields: tuple[FieldSpec, ...]) -> dict[str, Any]:
+    """A JSON object checked against a field table: unknown fields refused, each value coerced,
+    defaults filled in; raises `InvalidRequest` naming the first field at fault."""
     if not isinstance(payload, dict):
         raise InvalidRequest(f"the body must be a JSON object, not {_json_type(payload)}")
-    fields = request_fields(settings)
     by_name = {f.name: f for f in fields}
     unknown = [k for k in payload if k not in by_name]
     if unknown:
@@ -197,7 +204,12 @@ def check_inputs(payload: Any, settings: Settings) -> GenerateRequest:
             values[spec.name] = spec.default if spec.has_default else None
             continue
         values[spec.name] = _COERCE[spec.kind](spec, raw)
+    return values
 
+
+def check_inputs(payload: Any, settings: Settings) -> GenerateRequest:
+    """Validate a decoded body against the contract; raises `InvalidRequest` naming the field."""
+    values = check_fields(payload, request_fields(settings))
     if values["width"] * values["height"] > settings.max_pixels:
         raise InvalidRequest(
             f"width×height is {values['width'] * values['height']} pixels; "
@@ -206,6 +218,8 @@ def check_inputs(payload: Any, settings: Settings) -> GenerateRequest:
         )
     if not values["prompt"].strip():
         raise InvalidRequest("prompt must not be empty", field="prompt")
+    if values["enable_deepfake_check"]:
+        check_deepfake_configured(settings)
     if values["response_format"] == "s3":
         if values["s3_prefix"] is None:
             raise InvalidRequest('s3_prefix is required when response_format is "s3"', field="s3_prefix")
@@ -219,6 +233,15 @@ def check_inputs(payload: Any, settings: Settings) -> GenerateRequest:
             field="s3_prefix",
         )
     return GenerateRequest(**values)
+
+
+def check_deepfake_configured(settings: Settings) -> None:
+    if settings.nvidia_api_key is None:
+        raise InvalidRequest(
+            "enable_deepfake_check is not available: this gateway has no NVIDIA API key "
+            "(GATEWAY_NVIDIA_API_KEY)",
+            field="enable_deepfake_check",
+        )
 
 
 def _coerce_string(spec: FieldSpec, raw: Any) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import urllib3
 
+from gateway.deepfake import DeepfakeClient
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.storage import Uploader
@@ -19,3 +20,4 @@ class Services:
     http: urllib3.PoolManager
     triton: TritonGateway
     uploader: Uploader
+    deepfake: DeepfakeClient | None = None  # None without GATEWAY_NVIDIA_API_KEY

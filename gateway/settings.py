@@ -78,9 +78,33 @@ def _parse_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
 
-def _setting(env: str, parse: Callable[[str], Any], doc: str, **kwargs: Any) -> Any:
-    """A dataclass field that knows its environment variable, parser and README line."""
-    return field(metadata={"env": env, "parse": parse, "doc": doc}, **kwargs)
+def _parse_http_url(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"https?://[^/?#\s]+(/[^\s]*)?", value):
+        raise ValueError("expected an http(s) URL")
+    return value
+
+
+def _parse_secret(raw: str) -> str | None:
+    # It goes into an Authorization header: only printable ASCII without spaces fits there.
+    value = raw.strip()
+    if not value.isascii() or any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("has a space, a control or a non-ASCII character")
+    return value or None
+
+
+def _setting(
+    env: str, parse: Callable[[str], Any], doc: str, *, secret: bool = False, **kwargs: Any
+) -> Any:
+    """A dataclass field that knows its environment variable, parser and README line.
+
+    A secret is left out of the repr and never echoed in a settings error.
+    """
+    return field(
+        metadata={"env": env, "parse": parse, "doc": doc, "secret": secret},
+        repr=not secret,
+        **kwargs,
+    )
 
 
 @dataclass(frozen=True)
@@ -183,6 +207,44 @@ class Settings:
     max_guidance_scale: float = _setting(
         "MAX_GUIDANCE_SCALE", float, "Largest `guidance_scale`.", default=30.0
     )
+    nvidia_api_url: str = _setting(
+        "NVIDIA_API_URL",
+        _parse_http_url,
+        "NVIDIA's hosted deepfake-image-detection endpoint.",
+        default="https://ai.api.nvidia.com/v1/cv/hive/deepfake-image-detection",
+    )
+    nvidia_api_key: str | None = _setting(
+        "NVIDIA_API_KEY",
+        _parse_secret,
+        "Bearer key for that endpoint; unset: `enable_deepfake_check` is refused (400). "
+        "Never logged.",
+        default=None,
+        secret=True,
+    )
+    deepfake_budget_s: float = _setting(
+        "DEEPFAKE_BUDGET_S",
+        float,
+        "Longest wait for the deepfake check, retries included (seconds); past it the status "
+        "is `timeout` and the score 1.0.",
+        default=10.0,
+    )
+    deepfake_max_image_bytes: int = _setting(
+        "DEEPFAKE_MAX_IMAGE_BYTES",
+        int,
+        "Largest image sent to the deepfake API (bytes); larger ones are not sent (status "
+        "`too_large`). The default is the largest whose base64 stays under NVIDIA's inline "
+        "limit of 180000 characters.",
+        default=134997,
+    )
+    moderate_max_bytes: int = _setting(
+        "MODERATE_MAX_BYTES", int, "Largest image accepted by `/moderate` (bytes).", default=10485760
+    )
+    moderate_max_pixels: int = _setting(
+        "MODERATE_MAX_PIXELS",
+        int,
+        "Largest image accepted by `/moderate` (width×height), checked before decoding.",
+        default=4096 * 4096,
+    )
     host: str = _setting("HOST", str.strip, "gunicorn bind address.", default="127.0.0.1")
     port: int = _setting("PORT", int, "gunicorn bind port.", default=8080)
     workers: int = _setting("WORKERS", int, "gunicorn worker processes.", default=1)
@@ -226,6 +288,10 @@ class Settings:
             ),
             (1 <= self.max_steps <= 1000, f"{PREFIX}MAX_STEPS must be in 1..1000"),
             (self.max_guidance_scale > 0, f"{PREFIX}MAX_GUIDANCE_SCALE must be > 0"),
+            (self.deepfake_budget_s > 0, f"{PREFIX}DEEPFAKE_BUDGET_S must be > 0"),
+            (self.deepfake_max_image_bytes >= 1, f"{PREFIX}DEEPFAKE_MAX_IMAGE_BYTES must be >= 1"),
+            (self.moderate_max_bytes >= 1024, f"{PREFIX}MODERATE_MAX_BYTES must be >= 1024"),
+            (self.moderate_max_pixels >= 1, f"{PREFIX}MODERATE_MAX_PIXELS must be >= 1"),
             (0 < self.port < 65536, f"{PREFIX}PORT must be in 1..65535"),
             (self.workers >= 1, f"{PREFIX}WORKERS must be >= 1"),
             (self.threads >= 1, f"{PREFIX}THREADS must be >= 1"),
@@ -252,7 +318,8 @@ class Settings:
             try:
                 values[f.name] = f.metadata["parse"](environ[name])
             except ValueError as exc:
-                raise SettingsError(f"{name}={environ[name]!r}: {exc}") from None
+                shown = "(secret)" if f.metadata["secret"] else repr(environ[name])
+                raise SettingsError(f"{name}={shown}: {exc}") from None
         # A misspelt variable would otherwise be ignored silently, the same failure as a
         # misspelt request field.
         unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)

@@ -2,6 +2,7 @@
 
 NSFW off calls the `txt2img` ensemble, so the classifier never runs; NSFW on calls
 `txt2img_nsfw`, where the classifier runs beside the upscaler and enforces its own 5 s budget.
+`/moderate` calls the classifier (`nsfw`) alone, with the client's image.
 """
 
 from __future__ import annotations
@@ -87,11 +88,13 @@ class TritonGateway:
         retry_after_s: int,
         http: urllib3.PoolManager,
         metrics: Metrics | None = None,
+        classifier_model: str = "nsfw",
     ) -> None:
         self.url = url
         self.metrics_url = metrics_url
         self.model = model
         self.nsfw_model = nsfw_model
+        self.classifier_model = classifier_model
         self.probe_timeout_s = probe_timeout_s
         self.retry_after_s = retry_after_s
         self.http = http
@@ -105,22 +108,15 @@ class TritonGateway:
     def generate(self, req: GenerateRequest, deadline_s: float) -> Generated:
         model = self.nsfw_model if req.enable_nsfw_check else self.model
         outputs = ["IMAGE", "NSFW_SCORE", "NSFW_STATUS"] if req.enable_nsfw_check else ["IMAGE"]
-        started = time.monotonic()
-        try:
-            result = self.client.infer(
-                model,
-                _inputs(req),
-                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
-                client_timeout=deadline_s,
-                # Triton 2.51 drops the gRPC deadline at the ensemble's first step; the
-                # diffusion model reads this parameter instead and stops between steps.
-                parameters={"timeout_ms": max(1, int(deadline_s * 1000))},
-            )
-        except InferenceServerException as exc:
-            error = self._map_error(exc, model, time.monotonic() - started, deadline_s)
-            self._count(model, _outcome(error))
-            raise error from None
-        self._count(model, "ok")
+        result = self._infer(
+            model,
+            _inputs(req),
+            outputs,
+            deadline_s,
+            # Triton 2.51 drops the gRPC deadline at the ensemble's first step; the
+            # diffusion model reads this parameter instead and stops between steps.
+            parameters={"timeout_ms": max(1, int(deadline_s * 1000))},
+        )
         image = result.as_numpy("IMAGE")
         expected = (1, req.height * req.scale, req.width * req.scale, 3)
         if image is None or image.shape != expected or image.dtype != np.uint8:
@@ -130,6 +126,40 @@ class TritonGateway:
             return Generated(image)
         score, status = _nsfw(result)
         return Generated(image, score, status)
+
+    def classify(self, pixels: np.ndarray, deadline_s: float) -> tuple[float, str]:
+        """NSFW score and status of one (H, W, 3) uint8 RGB image, with the same fail-safe as
+        in the ensemble (1.0 unless the status is `ok`)."""
+        image = grpcclient.InferInput("IMAGE", [1, *pixels.shape], "UINT8")
+        image.set_data_from_numpy(np.ascontiguousarray(pixels)[None])
+        result = self._infer(
+            self.classifier_model, [image], ["NSFW_SCORE", "NSFW_STATUS"], deadline_s
+        )
+        return _nsfw(result)
+
+    def _infer(
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        outputs: list[str],
+        deadline_s: float,
+        parameters: dict[str, Any] | None = None,
+    ) -> grpcclient.InferResult:
+        started = time.monotonic()
+        try:
+            result = self.client.infer(
+                model,
+                inputs,
+                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
+                client_timeout=deadline_s,
+                parameters=parameters,
+            )
+        except InferenceServerException as exc:
+            error = self._map_error(exc, model, time.monotonic() - started, deadline_s)
+            self._count(model, _outcome(error))
+            raise error from None
+        self._count(model, "ok")
+        return result
 
     def _count(self, model: str, outcome: str) -> None:
         if self.metrics:

@@ -1,4 +1,5 @@
-"""HTTP endpoints: thin; the work lives in request, triton, imaging, urls and storage."""
+"""HTTP endpoints: thin; the work lives in request, moderation, triton, imaging, urls, storage
+and deepfake."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from gateway.deepfake import PendingCheck
 from gateway.errors import PayloadTooLarge, UploadFailed
 from gateway.imaging import encode_jpeg
+from gateway.moderation import body_limit, check_moderate_form, check_moderate_json
 from gateway.openapi import build_openapi
 from gateway.request import GenerateRequest, check_inputs, parse_body
 from gateway.services import Services
@@ -35,6 +38,11 @@ def _stage(svc: Services, name: str) -> Iterator[None]:
         yield
     finally:
         svc.metrics.stage_latency.labels(name).observe(time.perf_counter() - started)
+
+
+def _start_deepfake(svc: Services, image: bytes, mime: str = "image/jpeg") -> PendingCheck:
+    assert svc.deepfake is not None  # the request checks refuse the check without an API key
+    return svc.deepfake.start(image, mime)
 
 
 def _read_body(limit: int) -> bytes:
@@ -63,6 +71,8 @@ def _generate(svc: Services, req: GenerateRequest) -> Any:
     image = encode_jpeg(generated.image, settings.jpeg_quality)
     svc.metrics.stage_latency.labels("encode").observe(image.encode_seconds)
     svc.metrics.stage_latency.labels("hash").observe(image.hash_seconds)
+    # Exactly the bytes that are uploaded (or returned), checked while the upload runs.
+    deepfake = _start_deepfake(svc, image.data) if req.enable_deepfake_check else None
 
     data: dict[str, Any]
     upload: UploadResult | None = None
@@ -89,14 +99,17 @@ def _generate(svc: Services, req: GenerateRequest) -> Any:
         (generated.nsfw_status or "error") if req.enable_nsfw_check else None,
         generated.nsfw_score,
     )
+    if deepfake is not None:
+        data.update(deepfake.result().response_fields())
 
     log.info(
-        "generated %dx%d (x%d) steps=%d nsfw=%s format=%s hash=%s%s",
+        "generated %dx%d (x%d) steps=%d nsfw=%s deepfake=%s format=%s hash=%s%s",
         req.width,
         req.height,
         req.scale,
         req.num_inference_steps,
         generated.nsfw_status if req.enable_nsfw_check else "off",
+        data.get("deepfake_status", "off"),
         req.response_format,
         image.md5,
         f" upload={upload.status} attempts={len(upload.attempts)}" if upload else "",
@@ -104,6 +117,43 @@ def _generate(svc: Services, req: GenerateRequest) -> Any:
     if upload is not None and not upload.ok:
         # The image exists and may even be stored; the client still gets hash, score, status.
         raise UploadFailed(upload.describe(), data=data)
+    return jsonify({"data": data})
+
+
+@bp.post("/moderate")
+def moderate() -> Any:
+    svc = services()
+    settings = svc.settings
+    limit = body_limit(settings)
+    # Images are larger than /generate's bodies: this endpoint has its own limit.
+    request.max_content_length = limit
+    if request.mimetype == "multipart/form-data":
+        req = check_moderate_form(request.form, request.files, settings)
+    else:
+        req = check_moderate_json(_read_body(limit), request.content_type, settings)
+
+    deepfake = _start_deepfake(svc, *req.api_image()) if req.enable_deepfake_check else None
+    started = time.perf_counter()
+    nsfw_score, nsfw_status = svc.triton.classify(req.image.pixels, settings.triton_deadline_s)
+    svc.metrics.moderation_latency.labels("nsfw").observe(time.perf_counter() - started)
+    svc.metrics.nsfw_checks.labels(nsfw_status).inc()
+    data: dict[str, Any] = {
+        "image_hash": req.md5,
+        "nsfw_score": nsfw_score,
+        "nsfw_status": nsfw_status,
+    }
+    if deepfake is not None:
+        data.update(deepfake.result().response_fields())
+
+    log.info(
+        "moderated %s %dx%d nsfw=%s deepfake=%s hash=%s",
+        req.image.format,
+        req.image.width,
+        req.image.height,
+        nsfw_status,
+        data.get("deepfake_status", "off"),
+        data["image_hash"],
+    )
     return jsonify({"data": data})
 
 

@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 
 from embedded.s3 import MotoS3Server
 from gateway import Settings, create_app
+from tests.gateway.fake_nvidia import faces
 from tests.gateway.faults import FaultServer
 
 BUCKET = "aiu-character"
@@ -74,6 +75,14 @@ def fault_server() -> Iterator[FaultServer]:
 
 
 @pytest.fixture
+def nvidia_api() -> Iterator[FaultServer]:
+    """The local stand-in for NVIDIA's deepfake API (tests/gateway/fake_nvidia.py): one face."""
+    server = FaultServer(script=[faces(0.87)]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def closed_port() -> int:
     """A loopback port nothing listens on: connections are refused."""
     return free_port()
@@ -105,6 +114,8 @@ def make_app() -> Iterator[Callable[[Settings], Flask]]:
     yield make
     for app in apps:
         app.extensions["gateway"].triton.close()
+        if app.extensions["gateway"].deepfake is not None:
+            app.extensions["gateway"].deepfake.close()
 
 
 @pytest.fixture

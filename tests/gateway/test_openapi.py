@@ -59,3 +59,25 @@ def test_the_request_schema_agrees_with_the_validator(document: dict) -> None:
                 {**ok, "upscale": "yes"}, {**ok, "response_format": "b64_json"}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+def test_the_deepfake_check_is_documented(document: dict) -> None:
+    schemas = document["components"]["schemas"]
+    check = schemas["GenerateRequest"]["properties"]["enable_deepfake_check"]
+    assert check["default"] is False and "API key" in check["description"]
+    for name in ("S3Data", "B64Data", "ModerateData"):
+        status = schemas[name]["properties"]["deepfake_status"]
+        assert status["enum"] == ["ok", "no_face", "content_filtered", "too_large", "timeout", "error"]
+        assert "deepfake_score" not in schemas[name].get("required", [])
+
+
+def test_moderate_is_documented_and_its_schema_agrees_with_the_validator(document: dict) -> None:
+    post = document["paths"]["/moderate"]["post"]
+    assert set(post["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert {"200", "400", "413", "415", "503"} <= set(post["responses"])
+    schema = document["components"]["schemas"]["ModerateRequest"]
+    assert list(schema["properties"]) == ["image", "enable_deepfake_check"]
+    jsonschema.validate({"image": "iVBORw0KGgo=", "enable_deepfake_check": "true"}, schema)
+    for bad in ({}, {"image": ""}, {"image": "x", "enable_deepfake_chek": True}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)

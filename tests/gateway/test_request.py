@@ -180,3 +180,16 @@ class TestParseBody:
         with pytest.raises(InvalidRequest) as err:
             parse_body(json.dumps({"s3_prefix": secret}).encode()[:-1], "application/json")
         assert "SECRET" not in err.value.message
+
+
+def test_the_deepfake_check_is_off_by_default_and_needs_an_api_key() -> None:
+    assert check_inputs(body(), SETTINGS).enable_deepfake_check is False
+    assert field_error(body(enable_deepfake_check="true")) == (
+        "enable_deepfake_check",
+        (
+            "enable_deepfake_check is not available: this gateway has no NVIDIA API key "
+            "(GATEWAY_NVIDIA_API_KEY)"
+        ),
+    )
+    configured = SETTINGS.replace(nvidia_api_key="nvapi-x")
+    assert check_inputs(body(enable_deepfake_check="true"), configured).enable_deepfake_check

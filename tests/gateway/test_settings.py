@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import dataclasses
 
 import pytest
@@ -93,3 +94,46 @@ def test_the_readme_table_covers_every_setting() -> None:
     assert {"GATEWAY_UPLOAD_BACKOFF", "GATEWAY_UPLOAD_ALLOWED_HOSTS", "GATEWAY_TRITON_URL"} <= names
     assert ("GATEWAY_UPLOAD_BACKOFF", "1,2,4") in {(n, d) for n, d, _ in rows}
     assert all(doc for _, _, doc in rows)
+
+
+def test_the_deepfake_settings() -> None:
+    s = Settings.from_env({})
+    assert s.nvidia_api_url == "https://ai.api.nvidia.com/v1/cv/hive/deepfake-image-detection"
+    assert (s.nvidia_api_key, s.deepfake_budget_s) == (None, 10.0)
+    # The largest image whose base64 stays under NVIDIA's inline limit (< 180000 characters).
+    assert len(base64.b64encode(bytes(s.deepfake_max_image_bytes))) < 180_000
+    assert len(base64.b64encode(bytes(s.deepfake_max_image_bytes + 1))) >= 180_000
+    s = Settings.from_env(
+        {
+            "GATEWAY_NVIDIA_API_URL": "http://127.0.0.1:9/v1/cv/hive/deepfake-image-detection",
+            "GATEWAY_NVIDIA_API_KEY": " nvapi-abc ",
+            "GATEWAY_DEEPFAKE_BUDGET_S": "2.5",
+        }
+    )
+    assert (s.nvidia_api_key, s.deepfake_budget_s) == ("nvapi-abc", 2.5)
+    assert Settings.from_env({"GATEWAY_NVIDIA_API_KEY": ""}).nvidia_api_key is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_NVIDIA_API_URL", "ai.api.nvidia.com/v1"),
+        ("GATEWAY_DEEPFAKE_BUDGET_S", "0"),
+        ("GATEWAY_DEEPFAKE_MAX_IMAGE_BYTES", "0"),
+        ("GATEWAY_MODERATE_MAX_BYTES", "10"),
+        ("GATEWAY_MODERATE_MAX_PIXELS", "0"),
+    ],
+)
+def test_invalid_deepfake_and_moderate_values_fail_at_start(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name.removeprefix("GATEWAY_")):
+        Settings.from_env({name: value})
+
+
+def test_the_api_key_is_never_shown() -> None:
+    settings = Settings.from_env({"GATEWAY_NVIDIA_API_KEY": "nvapi-s3cr3t"})
+    assert "s3cr3t" not in repr(settings) and "s3cr3t" not in str(settings)
+    # A key that cannot go into a header fails at start without being echoed.
+    for bad in ("nvapi-s3cr3t\r\nX-Evil: 1", "nvapi-s3cr3té"):
+        with pytest.raises(SettingsError) as err:
+            Settings.from_env({"GATEWAY_NVIDIA_API_KEY": bad})
+        assert "NVIDIA_API_KEY" in str(err.value) and "s3cr3t" not in str(err.value)
