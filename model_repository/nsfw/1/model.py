@@ -83,6 +83,9 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", params.get("allow_spinning", "0")
+        )
         providers = ["CPUExecutionProvider"]
         if gpu:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device_id)}))
