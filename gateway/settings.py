@@ -35,8 +35,9 @@ def _parse_bool(raw: str) -> bool:
 def _parse_hosts(raw: str) -> tuple[str, ...]:
     entries = tuple(e.strip().lower() for e in raw.split(",") if e.strip())
     for entry in entries:
-        if not re.fullmatch(r"(\*|\*\.[a-z0-9.-]+|[a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", entry):
-            raise ValueError(f"{entry!r} is not host[:port], *.suffix[:port] or *")
+        host = r"(\*|\*\.[a-z0-9.-]+|[a-z0-9.-]+|\[[0-9a-f:.]+\])"
+        if not re.fullmatch(rf"(https?://)?{host}(:[0-9]{{1,5}})?", entry):
+            raise ValueError(f"{entry!r} is not [http://]host[:port], *.suffix[:port] or *")
     return entries
 
 
@@ -134,10 +135,10 @@ class Settings:
     upload_allowed_hosts: tuple[str, ...] = _setting(
         "UPLOAD_ALLOWED_HOSTS",
         _parse_hosts,
-        "Comma list of `host[:port]` the gateway may PUT to; without a port, ports 80/443 only. "
-        "`*.suffix` matches subdomains, `*` any public host; wildcards never reach loopback, "
-        "private or link-local addresses (list such hosts exactly). Empty: every upload is "
-        "refused.",
+        "Comma list of `host[:port]` the gateway may PUT to, over https only unless the entry "
+        "starts with `http://`; without a port, ports 80/443 only. `*.suffix` matches "
+        "subdomains, `*` any public host; wildcards never reach loopback, private or link-local "
+        "addresses (list such hosts exactly). Empty: every upload is refused.",
         default=(),
     )
     upload_backoff: tuple[float, ...] = _setting(

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from gateway.egress import pin
 from gateway.errors import PayloadTooLarge, UploadFailed
 from gateway.imaging import encode_jpeg
 from gateway.openapi import build_openapi
@@ -52,6 +53,12 @@ def generate() -> Any:
     settings = svc.settings
     payload = parse_body(_read_body(settings.max_body_bytes), request.content_type)
     req = check_inputs(payload, settings)
+    # Resolved and checked once, before any GPU time is spent; the upload connects only there.
+    s3_target = (
+        pin(req.s3_target, retry_after_s=settings.retry_after_s)
+        if req.s3_target is not None
+        else None
+    )
 
     with _stage(svc, "triton"):
         generated = svc.triton.generate(req, settings.triton_deadline_s)
@@ -67,8 +74,8 @@ def generate() -> Any:
             "image_hash": image.md5,
         }
     else:
-        assert req.s3_target is not None  # check_inputs guarantees it for "s3"
-        target = rewrite_url(req.s3_target, image.md5, settings.upload_naming)
+        assert s3_target is not None  # check_inputs guarantees it for "s3"
+        target = rewrite_url(s3_target, image.md5, settings.upload_naming)
         with _stage(svc, "upload"):
             upload = svc.uploader.put(target, image.data, image.md5)
         data = {

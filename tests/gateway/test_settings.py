@@ -27,7 +27,7 @@ def test_values_are_parsed_from_the_environment() -> None:
             "GATEWAY_TRITON_URL": "triton:9001",
             "GATEWAY_TRITON_DEADLINE_S": "30.5",
             "GATEWAY_UPLOAD_BACKOFF": "0.5, 1,2",
-            "GATEWAY_UPLOAD_ALLOWED_HOSTS": "127.0.0.1:9000, *.Sekai.chat ,[::1]:9000",
+            "GATEWAY_UPLOAD_ALLOWED_HOSTS": "HTTP://127.0.0.1:9000, *.Sekai.chat ,[::1]:9000",
             "GATEWAY_UPLOAD_HEADERS": "Content-Type: image/jpeg; x-amz-acl: public-read",
             "GATEWAY_UPLOAD_NAMING": "KEEP",
             "GATEWAY_JPEG_QUALITY": "75",
@@ -38,7 +38,7 @@ def test_values_are_parsed_from_the_environment() -> None:
     assert s.triton_url == "triton:9001"
     assert s.triton_deadline_s == 30.5
     assert s.upload_backoff == (0.5, 1.0, 2.0)
-    assert s.upload_allowed_hosts == ("127.0.0.1:9000", "*.sekai.chat", "[::1]:9000")
+    assert s.upload_allowed_hosts == ("http://127.0.0.1:9000", "*.sekai.chat", "[::1]:9000")
     assert s.upload_headers == (("Content-Type", "image/jpeg"), ("x-amz-acl", "public-read"))
     assert s.upload_naming == "keep"
     assert (s.jpeg_quality, s.workers, s.log_level) == (75, 3, "DEBUG")
@@ -56,7 +56,8 @@ def test_empty_backoff_means_a_single_attempt() -> None:
         ("GATEWAY_UPLOAD_BACKOFF", "1,two,4"),
         ("GATEWAY_UPLOAD_BACKOFF", "-1"),
         ("GATEWAY_UPLOAD_NAMING", "rename"),
-        ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "http://example.com"),
+        ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "ftp://example.com"),
+        ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "http://example.com/path"),
         ("GATEWAY_UPLOAD_HEADERS", "Content-Type image/jpeg"),
         ("GATEWAY_UPLOAD_HEADERS", "Host: evil"),
         ("GATEWAY_MIN_SIZE", "60"),
