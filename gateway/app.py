@@ -11,6 +11,7 @@ import urllib3
 from flask import Flask, Response, g, request
 
 from gateway import views
+from gateway.auth import ApiKeys, require_api_key
 from gateway.errors import register_error_handlers
 from gateway.metrics import Metrics
 from gateway.services import Services
@@ -53,6 +54,7 @@ def create_app(config: Settings | None = None) -> Flask:
         ),
     )
     register_error_handlers(app)
+    require_api_key(app, ApiKeys.from_settings(settings))
     app.register_blueprint(views.bp)
     _count_requests(app, metrics)
     return app

@@ -79,6 +79,24 @@ def _parse_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def parse_api_keys(raw: str) -> tuple[str, ...]:
+    """Comma- or line-separated keys (a key file may have `#` comment lines)."""
+    keys = tuple(
+        key.strip()
+        for line in raw.splitlines()
+        if not line.lstrip().startswith("#")
+        for key in line.split(",")
+        if key.strip()
+    )
+    for key in keys:
+        # The characters of an RFC 6750 bearer token; long enough not to be guessed.
+        if len(key) < 16 or not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", key):
+            raise ValueError(
+                "each key must be at least 16 characters of A-Z a-z 0-9 - . _ ~ + / ="
+            )
+    return keys
+
+
 def _setting(env: str, parse: Callable[[str], Any], doc: str, **kwargs: Any) -> Any:
     """A dataclass field that knows its environment variable, parser and README line."""
     return field(metadata={"env": env, "parse": parse, "doc": doc}, **kwargs)
@@ -199,6 +217,21 @@ class Settings:
     )
     log_level: str = _setting(
         "LOG_LEVEL", lambda s: s.strip().upper(), "Log level of the gateway.", default="INFO"
+    )
+    api_keys: tuple[str, ...] = _setting(
+        "API_KEYS",
+        parse_api_keys,
+        "Comma list of API keys; clients send `Authorization: Bearer <key>`. Empty (and no key "
+        "file): no authentication, which the gateway warns about at start.",
+        default=(),
+        repr=False,  # never printed with the settings
+    )
+    api_keys_file: str | None = _setting(
+        "API_KEYS_FILE",
+        _parse_optional_str,
+        "File with more API keys, one a line (`#` comments); read at start, so rotate with a "
+        "reload (gunicorn HUP).",
+        default=None,
     )
 
     def __post_init__(self) -> None:

@@ -58,6 +58,8 @@ def test_empty_backoff_means_a_single_attempt() -> None:
         ("GATEWAY_UPLOAD_NAMING", "rename"),
         ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "ftp://example.com"),
         ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "http://example.com/path"),
+        ("GATEWAY_API_KEYS", "short"),
+        ("GATEWAY_API_KEYS", "a key with spaces in it"),
         ("GATEWAY_UPLOAD_HEADERS", "Content-Type image/jpeg"),
         ("GATEWAY_UPLOAD_HEADERS", "Host: evil"),
         ("GATEWAY_MIN_SIZE", "60"),
@@ -94,3 +96,11 @@ def test_the_readme_table_covers_every_setting() -> None:
     assert {"GATEWAY_UPLOAD_BACKOFF", "GATEWAY_UPLOAD_ALLOWED_HOSTS", "GATEWAY_TRITON_URL"} <= names
     assert ("GATEWAY_UPLOAD_BACKOFF", "1,2,4") in {(n, d) for n, d, _ in rows}
     assert all(doc for _, _, doc in rows)
+
+
+def test_api_keys_are_parsed_and_never_shown() -> None:
+    keys = ("k" * 16, "0123456789abcdef+/=")
+    s = Settings.from_env({"GATEWAY_API_KEYS": f" {keys[0]} ,{keys[1]}"})
+    assert s.api_keys == keys
+    assert keys[0] not in repr(s) and keys[1] not in repr(s)
+
