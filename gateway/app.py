@@ -13,6 +13,7 @@ from flask import Flask, Response, g, request
 from gateway import views
 from gateway.auth import ApiKeys, require_api_key
 from gateway.errors import register_error_handlers
+from gateway.limits import limit_in_flight
 from gateway.metrics import Metrics
 from gateway.services import Services
 from gateway.settings import Settings
@@ -54,7 +55,11 @@ def create_app(config: Settings | None = None) -> Flask:
         ),
     )
     register_error_handlers(app)
+    # In this order: an anonymous request never takes an in-flight slot.
     require_api_key(app, ApiKeys.from_settings(settings))
+    limit_in_flight(
+        app, limit=settings.max_in_flight, retry_after_s=settings.retry_after_s, metrics=metrics
+    )
     app.register_blueprint(views.bp)
     _count_requests(app, metrics)
     return app

@@ -12,6 +12,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -71,6 +72,12 @@ class Metrics:
             "NSFW checks, by status (ok, timeout, error); non-ok statuses report score 1.0.",
             ["status"],
             registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "gateway_generate_in_flight",
+            "/generate requests this process is working on (bounded by GATEWAY_MAX_IN_FLIGHT).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
 
     def render(self) -> bytes:

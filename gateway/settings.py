@@ -233,6 +233,13 @@ class Settings:
         "reload (gunicorn HUP).",
         default=None,
     )
+    max_in_flight: int = _setting(
+        "MAX_IN_FLIGHT",
+        int,
+        "Most `/generate` requests one process works on at once; the next gets 429 with "
+        "Retry-After. Keep it below THREADS so probes are still answered.",
+        default=6,
+    )
 
     def __post_init__(self) -> None:
         problems = [msg for ok, msg in self._checks() if not ok]
@@ -267,6 +274,7 @@ class Settings:
                 self.log_level in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"},
                 f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
             ),
+            (self.max_in_flight >= 1, f"{PREFIX}MAX_IN_FLIGHT must be >= 1"),
         ]
 
     @property
