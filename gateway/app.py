@@ -14,6 +14,7 @@ from gateway import views
 from gateway.auth import ApiKeys, require_api_key
 from gateway.errors import register_error_handlers
 from gateway.limits import limit_in_flight
+from gateway.logs import track_request_ids
 from gateway.metrics import Metrics
 from gateway.services import Services
 from gateway.settings import Settings
@@ -55,7 +56,9 @@ def create_app(config: Settings | None = None) -> Flask:
         ),
     )
     register_error_handlers(app)
-    # In this order: an anonymous request never takes an in-flight slot.
+    # In this order: a refused request still gets its request id, and an anonymous one never
+    # takes an in-flight slot.
+    track_request_ids(app)
     require_api_key(app, ApiKeys.from_settings(settings))
     limit_in_flight(
         app, limit=settings.max_in_flight, retry_after_s=settings.retry_after_s, metrics=metrics

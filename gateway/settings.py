@@ -240,6 +240,12 @@ class Settings:
         "Retry-After. Keep it below THREADS so probes are still answered.",
         default=6,
     )
+    log_prompt_chars: int = _setting(
+        "LOG_PROMPT_CHARS",
+        int,
+        "How much of the prompt the request log shows (characters); 0: none.",
+        default=64,
+    )
 
     def __post_init__(self) -> None:
         problems = [msg for ok, msg in self._checks() if not ok]
@@ -275,6 +281,7 @@ class Settings:
                 f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
             ),
             (self.max_in_flight >= 1, f"{PREFIX}MAX_IN_FLIGHT must be >= 1"),
+            (self.log_prompt_chars >= 0, f"{PREFIX}LOG_PROMPT_CHARS must be >= 0"),
         ]
 
     @property

@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from gateway.egress import pin
 from gateway.errors import PayloadTooLarge, UploadFailed
 from gateway.imaging import encode_jpeg
+from gateway.logs import truncate
 from gateway.openapi import build_openapi
 from gateway.request import check_inputs, parse_body
 from gateway.services import Services
@@ -88,6 +89,9 @@ def generate() -> Any:
         data["nsfw_status"] = generated.nsfw_status
         svc.metrics.nsfw_checks.labels(generated.nsfw_status or "error").inc()
 
+    fields = {}
+    if settings.log_prompt_chars:  # a prompt may be long or personal: at most this much of it
+        fields["prompt"] = truncate(req.prompt, settings.log_prompt_chars)
     log.info(
         "generated %dx%d (x%d) steps=%d nsfw=%s format=%s hash=%s%s",
         req.width,
@@ -98,6 +102,7 @@ def generate() -> Any:
         req.response_format,
         image.md5,
         f" upload={upload.status} attempts={len(upload.attempts)}" if upload else "",
+        extra=fields,
     )
     if upload is not None and not upload.ok:
         # The image exists and may even be stored; the client still gets hash, score, status.
