@@ -7,6 +7,7 @@ stops the master before any worker starts.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -28,7 +29,9 @@ workers = _settings.workers
 threads = _settings.threads
 # gthread workers heartbeat from their main loop, so a long generation does not trip this.
 timeout = 60
-graceful_timeout = 30
+# On SIGTERM a worker stops accepting and lets requests in flight finish, upload included:
+# by default as long as the longest request can take (Triton deadline + every upload attempt).
+graceful_timeout = math.ceil(_settings.graceful_timeout_s)  # gunicorn takes whole seconds
 keepalive = 5
 loglevel = _settings.log_level.lower()
 # JSON lines on stdout for gunicorn and the app alike (gateway/logs.py). The access line takes

@@ -79,6 +79,10 @@ def _parse_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _parse_optional_float(raw: str) -> float | None:
+    return float(raw) if raw.strip() else None
+
+
 def parse_api_keys(raw: str) -> tuple[str, ...]:
     """Comma- or line-separated keys (a key file may have `#` comment lines)."""
     keys = tuple(
@@ -240,6 +244,13 @@ class Settings:
         "Retry-After. Keep it below THREADS so probes are still answered.",
         default=6,
     )
+    shutdown_timeout_s: float | None = _setting(
+        "SHUTDOWN_TIMEOUT_S",
+        _parse_optional_float,
+        "How long SIGTERM waits for requests in flight (seconds). Empty: the longest a request "
+        "can take, TRITON_DEADLINE_S + every upload attempt and backoff + 5 (172 by default).",
+        default=None,
+    )
     log_prompt_chars: int = _setting(
         "LOG_PROMPT_CHARS",
         int,
@@ -281,12 +292,24 @@ class Settings:
                 f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
             ),
             (self.max_in_flight >= 1, f"{PREFIX}MAX_IN_FLIGHT must be >= 1"),
+            (
+                self.shutdown_timeout_s is None or self.shutdown_timeout_s > 0,
+                f"{PREFIX}SHUTDOWN_TIMEOUT_S must be > 0",
+            ),
             (self.log_prompt_chars >= 0, f"{PREFIX}LOG_PROMPT_CHARS must be >= 0"),
         ]
 
     @property
     def upload_attempts(self) -> int:
         return len(self.upload_backoff) + 1
+
+    @property
+    def graceful_timeout_s(self) -> float:
+        """How long a stopping worker lets requests in flight finish, uploads included."""
+        if self.shutdown_timeout_s is not None:
+            return self.shutdown_timeout_s
+        upload = self.upload_attempts * self.upload_timeout_s + sum(self.upload_backoff)
+        return self.triton_deadline_s + upload + 5
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

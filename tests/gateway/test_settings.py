@@ -61,6 +61,7 @@ def test_empty_backoff_means_a_single_attempt() -> None:
         ("GATEWAY_API_KEYS", "short"),
         ("GATEWAY_API_KEYS", "a key with spaces in it"),
         ("GATEWAY_MAX_IN_FLIGHT", "0"),
+        ("GATEWAY_SHUTDOWN_TIMEOUT_S", "-1"),
         ("GATEWAY_UPLOAD_HEADERS", "Content-Type image/jpeg"),
         ("GATEWAY_UPLOAD_HEADERS", "Host: evil"),
         ("GATEWAY_MIN_SIZE", "60"),
@@ -105,3 +106,9 @@ def test_api_keys_are_parsed_and_never_shown() -> None:
     assert s.api_keys == keys
     assert keys[0] not in repr(s) and keys[1] not in repr(s)
 
+
+def test_the_shutdown_timeout_covers_the_longest_request_unless_set() -> None:
+    s = Settings()
+    assert s.graceful_timeout_s == 120 + 4 * 10 + (1 + 2 + 4) + 5
+    assert Settings(triton_deadline_s=10, upload_backoff=()).graceful_timeout_s == 10 + 10 + 5
+    assert Settings(shutdown_timeout_s=3).graceful_timeout_s == 3
