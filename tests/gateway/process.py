@@ -15,6 +15,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from typing_extensions import Self
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,7 +40,7 @@ class GunicornGateway:
         self.env["PYTHONPATH"] = str(PROJECT_ROOT)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> GunicornGateway:
+    def start(self, timeout: float = 60.0) -> Self:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -99,7 +101,7 @@ class GunicornGateway:
                 proc.kill()
         return proc.wait()
 
-    def __enter__(self) -> GunicornGateway:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
