@@ -46,6 +46,7 @@ def create_app(config: Settings | None = None) -> Flask:
             retry_after_s=settings.retry_after_s,
             http=http,
             metrics=metrics,
+            queue_timeout_s=settings.triton_queue_timeout_s,
         ),
         uploader=Uploader(
             policy=RetryPolicy(backoff=settings.upload_backoff),

@@ -74,6 +74,10 @@ class Unavailable(GatewayError):
     status, code = 503, "unavailable"
 
 
+class QueueTimeout(Unavailable):
+    """The request waited past Triton's queue timeout and never ran."""
+
+
 class UpstreamError(GatewayError):
     status, code = 502, "upstream_error"
 

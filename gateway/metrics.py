@@ -50,7 +50,7 @@ class Metrics:
         self.triton_requests = Counter(
             "gateway_triton_requests",
             "Triton inference calls, by model and outcome (ok, unavailable, overloaded, "
-            "deadline, invalid, error).",
+            "queue_timeout, deadline, invalid, error).",
             ["model", "outcome"],
             registry=self.registry,
         )

@@ -257,6 +257,13 @@ class Settings:
         "How much of the prompt the request log shows (characters); 0: none.",
         default=64,
     )
+    triton_queue_timeout_s: float | None = _setting(
+        "TRITON_QUEUE_TIMEOUT_S",
+        _parse_optional_float,
+        "Longest a request may wait in the diffusion model's queue (seconds); past it the answer "
+        "is 503. Empty: the model's `default_timeout_microseconds` (60 s).",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         problems = [msg for ok, msg in self._checks() if not ok]
@@ -297,6 +304,10 @@ class Settings:
                 f"{PREFIX}SHUTDOWN_TIMEOUT_S must be > 0",
             ),
             (self.log_prompt_chars >= 0, f"{PREFIX}LOG_PROMPT_CHARS must be >= 0"),
+            (
+                self.triton_queue_timeout_s is None or self.triton_queue_timeout_s > 0,
+                f"{PREFIX}TRITON_QUEUE_TIMEOUT_S must be > 0",
+            ),
         ]
 
     @property

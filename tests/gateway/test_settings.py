@@ -62,6 +62,7 @@ def test_empty_backoff_means_a_single_attempt() -> None:
         ("GATEWAY_API_KEYS", "a key with spaces in it"),
         ("GATEWAY_MAX_IN_FLIGHT", "0"),
         ("GATEWAY_SHUTDOWN_TIMEOUT_S", "-1"),
+        ("GATEWAY_TRITON_QUEUE_TIMEOUT_S", "0"),
         ("GATEWAY_UPLOAD_HEADERS", "Content-Type image/jpeg"),
         ("GATEWAY_UPLOAD_HEADERS", "Host: evil"),
         ("GATEWAY_MIN_SIZE", "60"),
