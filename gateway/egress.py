@@ -65,7 +65,7 @@ def pin(
                 retry_after=retry_after_s,
             ) from None
         raise InvalidRequest(f"the host of {field} does not resolve", field=field) from None
-    except (OSError, UnicodeError, ValueError):
+    except (OSError, ValueError):  # UnicodeError (an unencodable name) is a ValueError
         raise InvalidRequest(f"the host of {field} does not resolve", field=field) from None
     if not addresses:
         raise InvalidRequest(f"the host of {field} does not resolve", field=field)

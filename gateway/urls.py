@@ -12,6 +12,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from gateway.errors import InvalidRequest
 
@@ -99,7 +100,8 @@ def parse_upload_url(url: str, *, field: str = "s3_prefix") -> UploadUrl:
     if name in ("", ".", ".."):
         raise bad("must end in a file name (e.g. .../1.png?...) that the gateway can replace")
     host = hostport["host"].lower().rstrip(".").strip("[]")
-    if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]) and not _is_dotted_ipv4(host):
+    last_label = host.rsplit(".", 1)[-1]
+    if ":" not in host and _NUMERIC_LABEL.fullmatch(last_label) and not _is_dotted_ipv4(host):
         raise bad("has a numeric host that is not a dotted-decimal IPv4 address")
     return UploadUrl(scheme, authority, path, parts["rest"], host, port)
 
@@ -126,7 +128,9 @@ def check_upload_url(
     return replace(target, exact=permit == "exact")
 
 
-def host_allowed(scheme: str, host: str, port: int, allowed: tuple[str, ...]) -> str | None:
+def host_allowed(
+    scheme: str, host: str, port: int, allowed: tuple[str, ...]
+) -> Literal["exact", "wildcard"] | None:
     """Which kind of entry lets `scheme://host:port` through: "exact", "wildcard" or None.
 
     Entries are `[http://]host[:port]`, `[http://]*.suffix[:port]` or `[http://]*[:port]`.
@@ -134,7 +138,7 @@ def host_allowed(scheme: str, host: str, port: int, allowed: tuple[str, ...]) ->
     allows the scheme's default ports (80, 443) only, so naming a host never opens its other
     services. Only an exact entry may later reach loopback or private addresses.
     """
-    found: str | None = None
+    found: Literal["wildcard"] | None = None
     for entry in allowed:
         entry_scheme, _, rest = entry.rpartition("://")
         if scheme != "https" and entry_scheme != "http":

@@ -89,7 +89,7 @@ def generate() -> Any:
         data["nsfw_status"] = generated.nsfw_status
         svc.metrics.nsfw_checks.labels(generated.nsfw_status or "error").inc()
 
-    fields = {}
+    fields: dict[str, str] = {}
     if settings.log_prompt_chars:  # a prompt may be long or personal: at most this much of it
         fields["prompt"] = truncate(req.prompt, settings.log_prompt_chars)
     log.info(
