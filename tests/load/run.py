@@ -46,6 +46,7 @@ class Outcome:
     started: float  # time.monotonic()
     finished: float
     prefix: str  # the S3 key prefix the request uploaded under
+    retry_after: str | None = None
 
     @property
     def seconds(self) -> float:
@@ -144,7 +145,9 @@ def drive(
                     answer = json.loads(response.data)
                 except ValueError:
                     answer = response.data.decode(errors="replace")
-            outcome = Outcome(number, index, status, answer, started, time.monotonic(), prefix)
+            outcome = Outcome(
+                number, index, status, answer, started, time.monotonic(), prefix, retry_after
+            )
             with lock:
                 outcomes.append(outcome)
             if status in (429, 503):
@@ -193,8 +196,8 @@ def violations(
             if error.get("code") != "upload_failed" or data is None or "s3_upload_status" not in data:
                 found.append(f"{where}: 502 without upload_failed and the final status: {o.body}")
         elif o.status == 503 and allow_503:
-            if o.body.get("error", {}).get("code") != "unavailable":
-                found.append(f"{where}: 503 that is not 'unavailable': {o.body}")
+            if o.body.get("error", {}).get("code") != "unavailable" or not o.retry_after:
+                found.append(f"{where}: 503 without 'unavailable' and Retry-After: {o.body}")
         else:
             found.append(f"{where}: unexpected {o.status}: {o.body}")
     return found
