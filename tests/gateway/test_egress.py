@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from gateway.egress import pin, refusal, system_resolve
 from gateway.errors import InvalidRequest, Unavailable
 from gateway.storage import RetryPolicy, Uploader
-from gateway.urls import check_upload_url, rewrite_url
+from gateway.urls import UploadUrl, check_upload_url, rewrite_url
 from tests.gateway.faults import FaultServer, Trap
 
 BODY = b"\xff\xd8\xff" + b"jpeg" * 100
@@ -76,7 +76,7 @@ def test_address_policy(address: str, exact: bool, refused: str | None) -> None:
         assert reason is not None and refused in reason
 
 
-def target(url: str, allowed: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def target(url: str, allowed: tuple[str, ...]) -> UploadUrl:
     return check_upload_url(url, allowed)
 
 

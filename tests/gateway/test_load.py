@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from gateway import Settings
-from tests.gateway.conftest import BUCKET, LocalS3
+from tests.gateway.conftest import LocalS3
 from tests.gateway.process import GunicornGateway
 from tests.load.flaky_storage import Faults, FlakyStorage
-from tests.load.run import RssSampler, drive, violations
+from tests.load.run import RssSampler, drive, object_reader, presigner, violations
 
 CLIENTS = 32
 REQUESTS = 3  # each; `python -m tests.load.run` sends 8 (256 in all) with the real backoff
@@ -46,17 +46,7 @@ def test_32_clients_through_a_flaky_storage_lose_nothing(
         TRITON_QUEUE_TIMEOUT_S="100",
         LOG_LEVEL="WARNING",
     )
-    client = s3.client()
-
-    def presign(key: str) -> str:
-        return s3.presign_put(key).replace(s3.url, flaky_s3.url, 1)
-
-    def get_object(key: str) -> bytes | None:
-        try:
-            return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            return None
-
+    presign = presigner(s3, flaky_s3)
     with gateway:
         [worker] = gateway.worker_pids()
         drive(gateway.url, presign, clients=CLIENTS, requests=1, run_id="warm")
@@ -67,7 +57,7 @@ def test_32_clients_through_a_flaky_storage_lose_nothing(
         assert gateway.worker_pids() == [worker]
 
     assert len(outcomes) == CLIENTS * REQUESTS
-    assert violations(outcomes, get_object) == []
+    assert violations(outcomes, object_reader(s3)) == []
     statuses = {o.status for o in outcomes}
     assert 200 in statuses and statuses <= {200, 502}
     # Every kind of fault happened, so the run meant something.

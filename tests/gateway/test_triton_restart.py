@@ -12,9 +12,17 @@ import pytest
 
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from tests.conftest import start_triton
-from tests.gateway.conftest import BUCKET, LocalS3
+from tests.gateway.conftest import LocalS3
 from tests.gateway.process import GunicornGateway
-from tests.load.run import Outcome, answered, crash_and_restart, drive, violations, wait_until
+from tests.load.run import (
+    Outcome,
+    answered,
+    crash_and_restart,
+    drive,
+    object_reader,
+    violations,
+    wait_until,
+)
 
 CLIENTS = 6
 
@@ -38,14 +46,6 @@ def test_a_triton_crash_mid_run_is_503_then_the_gateway_recovers(
         RETRY_AFTER_S="1",
         LOG_LEVEL="WARNING",
     )
-    client = s3.client()
-
-    def get_object(key: str) -> bytes | None:
-        try:
-            return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            return None
-
     outcomes: list[Outcome] = []
     stop = threading.Event()
     with gateway:
@@ -68,7 +68,7 @@ def test_a_triton_crash_mid_run_is_503_then_the_gateway_recovers(
             traffic.join()
         assert gateway.worker_pids() == [worker]  # recovered without a restart of its own
 
-    assert violations(outcomes, get_object, allow_503=True) == []
+    assert violations(outcomes, object_reader(s3), allow_503=True) == []
     in_flight = [o for o in outcomes if o.started < crashed < o.finished]
     assert in_flight and {o.status for o in in_flight} <= {200, 503}
     assert 503 in {o.status for o in in_flight}

@@ -33,6 +33,7 @@ import urllib3
 from typing_extensions import Self
 
 from embedded.triton import TritonServer
+from tests.load.flaky_storage import FlakyStorage
 
 SHM = Path("/dev/shm")
 
@@ -174,6 +175,26 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
+def object_reader(s3: Any) -> Callable[[str], bytes | None]:
+    """An S3 object's bytes by key, read from the local S3 itself (not through the proxy)."""
+    client = s3.client()
+
+    def get_object(key: str) -> bytes | None:
+        try:
+            return client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+
+    return get_object
+
+
+def presigner(s3: Any, front: FlakyStorage | None = None) -> Callable[[str], str]:
+    """Presigned PUT URLs for the local S3, pointed at the flaky front when there is one."""
+    if front is None:
+        return s3.presign_put
+    return lambda key: s3.presign_put(key).replace(s3.url, front.url, 1)
+
+
 def violations(
     outcomes: list[Outcome], get_object: Callable[[str], bytes | None], *, allow_503: bool = False
 ) -> list[str]:
@@ -279,7 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     from tests.conftest import start_triton, unused_port
     from tests.gateway.conftest import BUCKET, LocalS3
     from tests.gateway.process import GunicornGateway
-    from tests.load.flaky_storage import FlakyStorage
 
     workdir = Path(tempfile.mkdtemp(prefix="imagegen-load-"))
     print(f"logs in {workdir}", flush=True)
@@ -303,17 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         TRITON_QUEUE_TIMEOUT_S="100",
         LOG_LEVEL="WARNING",
     )
-    client = s3.client()
-
-    def presign(key: str) -> str:
-        return s3.presign_put(key).replace(s3.url, storage.url, 1)
-
-    def get_object(key: str) -> bytes | None:
-        try:
-            return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            return None
-
+    presign, get_object = presigner(s3, storage), object_reader(s3)
     try:
         with gateway:
             pid = gateway.worker_pids()
