@@ -77,7 +77,12 @@ def local_stack(workdir: Path) -> Iterator[Stack]:
             metrics_port=triton.metrics_port,
             s3_port=s3.port,
         )
-        env.update(GATEWAY_PORT=str(free_port()), GATEWAY_THREADS=str(CLIENTS))
+        # Room for every client: the default in-flight bound would turn the load test into 429s.
+        env.update(
+            GATEWAY_PORT=str(free_port()),
+            GATEWAY_THREADS=str(CLIENTS),
+            GATEWAY_MAX_IN_FLIGHT=str(CLIENTS),
+        )
         gateway = GatewayProcess(env, log_path=workdir / "gateway.log")
         gateway.start()
         cleanup.callback(gateway.stop)

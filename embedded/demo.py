@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -39,12 +40,14 @@ def _presign(s3_url: str, bucket: str, key: str, signature_version: str) -> str:
     )
 
 
-def _post_json(url: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:
+def _post_json(
+    url: str, body: dict[str, Any], timeout: float, api_key: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        url, data=json.dumps(body).encode(), headers=headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
@@ -69,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sigv2", action="store_true", help="SigV2 query auth, the spec's URL form (default SigV4)"
     )
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("IMAGEGEN_API_KEY"),
+        help="when the gateway has GATEWAY_API_KEYS (default: $IMAGEGEN_API_KEY)",
+    )
     args = parser.parse_args(argv)
 
     s3_prefix = _presign(args.s3, args.bucket, args.key, "s3" if args.sigv2 else "s3v4")
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"POST {args.gateway}/generate  ({args.width}x{args.height}, {args.steps} steps)")
     try:
-        status, response = _post_json(f"{args.gateway}/generate", body, args.timeout)
+        status, response = _post_json(f"{args.gateway}/generate", body, args.timeout, args.api_key)
     except (urllib.error.URLError, OSError) as exc:
         print(f"cannot reach the gateway at {args.gateway} ({exc}); is `make serve` running?")
         return 1

@@ -48,7 +48,9 @@ def gateway_environment(
     env = dict(base)
     env.setdefault("GATEWAY_TRITON_URL", f"{host}:{grpc_port}")
     env.setdefault("GATEWAY_TRITON_METRICS_URL", f"http://{host}:{metrics_port}/metrics")
-    env.setdefault("GATEWAY_UPLOAD_ALLOWED_HOSTS", f"127.0.0.1:{s3_port},localhost:{s3_port}")
+    env.setdefault(
+        "GATEWAY_UPLOAD_ALLOWED_HOSTS", f"http://127.0.0.1:{s3_port},http://localhost:{s3_port}"
+    )
     env.setdefault("GATEWAY_HOST", host)
     env.setdefault("GATEWAY_PORT", "8080")
     # Keep the project importable however the stack was launched.

@@ -12,8 +12,11 @@ import urllib3
 from flask import Flask, Response, g, request
 
 from gateway import views
+from gateway.auth import ApiKeys, require_api_key
 from gateway.deepfake import DeepfakeClient
 from gateway.errors import register_error_handlers
+from gateway.limits import limit_in_flight
+from gateway.logs import track_request_ids
 from gateway.metrics import Metrics
 from gateway.services import Services
 from gateway.settings import Settings
@@ -45,6 +48,7 @@ def create_app(config: Settings | None = None) -> Flask:
             retry_after_s=settings.retry_after_s,
             http=http,
             metrics=metrics,
+            queue_timeout_s=settings.triton_queue_timeout_s,
         ),
         uploader=Uploader(
             policy=RetryPolicy(backoff=settings.upload_backoff),
@@ -56,6 +60,13 @@ def create_app(config: Settings | None = None) -> Flask:
         deepfake=_deepfake_client(settings, metrics),
     )
     register_error_handlers(app)
+    # In this order: a refused request still gets its request id, and an anonymous one never
+    # takes an in-flight slot.
+    track_request_ids(app)
+    require_api_key(app, ApiKeys.from_settings(settings))
+    limit_in_flight(
+        app, limit=settings.max_in_flight, retry_after_s=settings.retry_after_s, metrics=metrics
+    )
     app.register_blueprint(views.bp)
     _count_requests(app, metrics)
     return app

@@ -48,6 +48,12 @@ class InvalidRequest(GatewayError):
     status, code = 400, "invalid_request"
 
 
+class Unauthorized(GatewayError):
+    """No API key, or not one of the configured keys."""
+
+    status, code = 401, "unauthorized"
+
+
 class PayloadTooLarge(GatewayError):
     status, code = 413, "payload_too_large"
 
@@ -57,7 +63,7 @@ class UnsupportedMediaType(GatewayError):
 
 
 class Overloaded(GatewayError):
-    """Triton's queue is full: the same request may succeed a little later."""
+    """Triton's queue, or this process's in-flight bound, is full: retry a little later."""
 
     status, code = 429, "overloaded"
 
@@ -66,6 +72,10 @@ class Unavailable(GatewayError):
     """Triton (or the model) cannot be reached or is not ready."""
 
     status, code = 503, "unavailable"
+
+
+class QueueTimeout(Unavailable):
+    """The request waited past Triton's queue timeout and never ran."""
 
 
 class UpstreamError(GatewayError):
@@ -84,6 +94,7 @@ class UploadFailed(GatewayError):
 # in the same vocabulary as ours.
 _HTTP_CODES = {
     400: "invalid_request",
+    401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -96,6 +107,8 @@ def error_response(error: GatewayError) -> Response:
     response.status_code = error.status
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="imagegen"'
     return response
 
 

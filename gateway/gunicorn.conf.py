@@ -7,12 +7,13 @@ stops the master before any worker starts.
 
 from __future__ import annotations
 
-import logging
+import math
 import os
 import shutil
 import tempfile
 from typing import Any
 
+from gateway.logs import logging_config
 from gateway.settings import Settings, SettingsError
 
 try:
@@ -28,13 +29,16 @@ workers = _settings.workers
 threads = _settings.threads
 # gthread workers heartbeat from their main loop, so a long generation does not trip this.
 timeout = 60
-graceful_timeout = 30
+# On SIGTERM a worker stops accepting and lets requests in flight finish, upload included:
+# by default as long as the longest request can take (Triton deadline + every upload attempt).
+graceful_timeout = math.ceil(_settings.graceful_timeout_s)  # gunicorn takes whole seconds
 keepalive = 5
-accesslog = "-"
-errorlog = "-"
 loglevel = _settings.log_level.lower()
-# The request line of /generate carries no secret (the presigned URL is in the body).
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+# JSON lines on stdout for gunicorn and the app alike (gateway/logs.py). The access line takes
+# its fields from gunicorn's atoms: the path without its query string, never the headers.
+logconfig_dict = logging_config(_settings.log_level)
+accesslog = "-"
+access_log_format = "%(m)s %(U)s %(s)s"
 
 if _settings.workers > 1:
     # Each worker counts for itself; prometheus_client's multi-process mode sums the workers'
@@ -55,13 +59,6 @@ if _settings.workers > 1:
     def on_exit(server: Any) -> None:
         if not _settings.metrics_dir:
             shutil.rmtree(_metrics_dir, ignore_errors=True)
-
-
-def post_worker_init(worker: Any) -> None:
-    # The app logs under "gateway"; send it where gunicorn's own error log goes.
-    logger = logging.getLogger("gateway")
-    logger.handlers = list(worker.log.error_log.handlers)
-    logger.propagate = False
 
 
 # gunicorn >= 24 opens a control socket at one fixed per-user path; a second gateway on the same

@@ -70,7 +70,7 @@ class Metrics:
         self.triton_requests = Counter(
             "gateway_triton_requests",
             "Triton inference calls, by model and outcome (ok, unavailable, overloaded, "
-            "deadline, invalid, error).",
+            "queue_timeout, deadline, invalid, error).",
             ["model", "outcome"],
             registry=self.registry,
         )
@@ -108,7 +108,7 @@ class Metrics:
         )
         self.generate_in_flight = Gauge(
             "gateway_generate_in_flight",
-            "/generate requests past validation and not yet answered.",
+            "/generate requests this process is working on (bounded by GATEWAY_MAX_IN_FLIGHT).",
             registry=self.registry,
             # Summed over the live workers; a dead worker's file no longer counts.
             multiprocess_mode="livesum",

@@ -26,12 +26,15 @@ _ERRORS = {
     "400": "Invalid request: malformed JSON, a wrong, missing or unknown field (named in "
     "`error.field`), an s3_prefix that is not an allowed http(s) URL with a file name, or "
     "enable_deepfake_check on a gateway without an NVIDIA API key.",
+    "401": "No valid API key (`Authorization: Bearer <key>`), when keys are configured.",
     "413": "Body larger than GATEWAY_MAX_BODY_BYTES.",
     "415": "Body not sent as application/json.",
-    "429": "Triton's queue is full; retry after `Retry-After` seconds.",
+    "429": "Triton's queue is full, or this process already works on GATEWAY_MAX_IN_FLIGHT "
+    "requests; retry after `Retry-After` seconds.",
     "502": "Inference failed upstream, or the upload failed after all retries "
     "(`error.code` upload_failed, with the `data` block: hash, score, last storage status).",
-    "503": "Triton or the model is unavailable; retry after `Retry-After` seconds.",
+    "503": "Triton or the model is unavailable, the request waited past the inference queue's "
+    "timeout, or the upload host cannot be resolved right now; retry after `Retry-After` seconds.",
     "504": "Generation did not finish within GATEWAY_TRITON_DEADLINE_S.",
 }
 
@@ -84,6 +87,10 @@ def _field_schema(spec: FieldSpec) -> dict[str, Any]:
     if spec.has_default:
         schema["default"] = spec.default
     return schema
+
+
+def _auth_enabled(settings: Settings) -> bool:
+    return bool(settings.api_keys or settings.api_keys_file)
 
 
 def build_openapi(settings: Settings) -> dict[str, Any]:
@@ -227,6 +234,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         }
         if status in ("429", "503"):
             response["headers"] = retry_after
+        if status == "401":
+            response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
         return response
 
     readiness = {
@@ -258,6 +267,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "/generate": {
                 "post": {
                     "summary": "Generate an image, score it, upload it (or return it inline).",
+                    # Every other path is open: probes, metrics and this document.
+                    "security": [{"bearer": []}] if _auth_enabled(settings) else [],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
@@ -332,6 +343,9 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                                       "responses": {"200": {"description": "OpenAPI 3.1."}}}},
         },
         "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "GATEWAY_API_KEYS"}
+            },
             "schemas": {
                 "GenerateRequest": request_schema,
                 "S3Data": s3_data,

@@ -35,8 +35,9 @@ def _parse_bool(raw: str) -> bool:
 def _parse_hosts(raw: str) -> tuple[str, ...]:
     entries = tuple(e.strip().lower() for e in raw.split(",") if e.strip())
     for entry in entries:
-        if not re.fullmatch(r"(\*|\*\.[a-z0-9.-]+|[a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", entry):
-            raise ValueError(f"{entry!r} is not host[:port], *.suffix[:port] or *")
+        host = r"(\*|\*\.[a-z0-9.-]+|[a-z0-9.-]+|\[[0-9a-f:.]+\])"
+        if not re.fullmatch(rf"(https?://)?{host}(:[0-9]{{1,5}})?", entry):
+            raise ValueError(f"{entry!r} is not [http://]host[:port], *.suffix[:port] or *")
     return entries
 
 
@@ -91,6 +92,28 @@ def _parse_secret(raw: str) -> str | None:
     if not value.isascii() or any(ch.isspace() or not ch.isprintable() for ch in value):
         raise ValueError("has a space, a control or a non-ASCII character")
     return value or None
+
+
+def _parse_optional_float(raw: str) -> float | None:
+    return float(raw) if raw.strip() else None
+
+
+def parse_api_keys(raw: str) -> tuple[str, ...]:
+    """Comma- or line-separated keys (a key file may have `#` comment lines)."""
+    keys = tuple(
+        key.strip()
+        for line in raw.splitlines()
+        if not line.lstrip().startswith("#")
+        for key in line.split(",")
+        if key.strip()
+    )
+    for key in keys:
+        # The characters of an RFC 6750 bearer token; long enough not to be guessed.
+        if len(key) < 16 or not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", key):
+            raise ValueError(
+                "each key must be at least 16 characters of A-Z a-z 0-9 - . _ ~ + / ="
+            )
+    return keys
 
 
 def _setting(
@@ -158,10 +181,10 @@ class Settings:
     upload_allowed_hosts: tuple[str, ...] = _setting(
         "UPLOAD_ALLOWED_HOSTS",
         _parse_hosts,
-        "Comma list of `host[:port]` the gateway may PUT to; without a port, ports 80/443 only. "
-        "`*.suffix` matches subdomains, `*` any public host; wildcards never reach loopback, "
-        "private or link-local addresses (list such hosts exactly). Empty: every upload is "
-        "refused.",
+        "Comma list of `host[:port]` the gateway may PUT to, over https only unless the entry "
+        "starts with `http://`; without a port, ports 80/443 only. `*.suffix` matches "
+        "subdomains, `*` any public host; wildcards never reach loopback, private or link-local "
+        "addresses (list such hosts exactly). Empty: every upload is refused.",
         default=(),
     )
     upload_backoff: tuple[float, ...] = _setting(
@@ -261,6 +284,48 @@ class Settings:
     log_level: str = _setting(
         "LOG_LEVEL", lambda s: s.strip().upper(), "Log level of the gateway.", default="INFO"
     )
+    api_keys: tuple[str, ...] = _setting(
+        "API_KEYS",
+        parse_api_keys,
+        "Comma list of API keys; clients send `Authorization: Bearer <key>`. Empty (and no key "
+        "file): no authentication, which the gateway warns about at start.",
+        default=(),
+        secret=True,
+    )
+    api_keys_file: str | None = _setting(
+        "API_KEYS_FILE",
+        _parse_optional_str,
+        "File with more API keys, one a line (`#` comments); read at start, so rotate with a "
+        "reload (gunicorn HUP).",
+        default=None,
+    )
+    max_in_flight: int = _setting(
+        "MAX_IN_FLIGHT",
+        int,
+        "Most `/generate` requests one process works on at once; the next gets 429 with "
+        "Retry-After. Keep it below THREADS so probes are still answered.",
+        default=6,
+    )
+    shutdown_timeout_s: float | None = _setting(
+        "SHUTDOWN_TIMEOUT_S",
+        _parse_optional_float,
+        "How long SIGTERM waits for requests in flight (seconds). Empty: the longest a request "
+        "can take, TRITON_DEADLINE_S + every upload attempt and backoff + 5 (172 by default).",
+        default=None,
+    )
+    log_prompt_chars: int = _setting(
+        "LOG_PROMPT_CHARS",
+        int,
+        "How much of the prompt the request log shows (characters); 0: none.",
+        default=64,
+    )
+    triton_queue_timeout_s: float | None = _setting(
+        "TRITON_QUEUE_TIMEOUT_S",
+        _parse_optional_float,
+        "Longest a request may wait in the diffusion model's queue (seconds); past it the answer "
+        "is 503. Empty: the model's `default_timeout_microseconds` (60 s).",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         problems = [msg for ok, msg in self._checks() if not ok]
@@ -299,11 +364,29 @@ class Settings:
                 self.log_level in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"},
                 f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
             ),
+            (self.max_in_flight >= 1, f"{PREFIX}MAX_IN_FLIGHT must be >= 1"),
+            (
+                self.shutdown_timeout_s is None or self.shutdown_timeout_s > 0,
+                f"{PREFIX}SHUTDOWN_TIMEOUT_S must be > 0",
+            ),
+            (self.log_prompt_chars >= 0, f"{PREFIX}LOG_PROMPT_CHARS must be >= 0"),
+            (
+                self.triton_queue_timeout_s is None or self.triton_queue_timeout_s > 0,
+                f"{PREFIX}TRITON_QUEUE_TIMEOUT_S must be > 0",
+            ),
         ]
 
     @property
     def upload_attempts(self) -> int:
         return len(self.upload_backoff) + 1
+
+    @property
+    def graceful_timeout_s(self) -> float:
+        """How long a stopping worker lets requests in flight finish, uploads included."""
+        if self.shutdown_timeout_s is not None:
+            return self.shutdown_timeout_s
+        upload = self.upload_attempts * self.upload_timeout_s + sum(self.upload_backoff)
+        return self.triton_deadline_s + upload + 5
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

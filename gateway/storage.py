@@ -2,7 +2,9 @@
 
 Each attempt opens its own connection and writes the request line itself: urllib3's pools
 re-encode the target (upper-casing `%2b`, for one) and a signature covers the exact bytes.
-Redirects are never followed (the allowlist vetted this host, not the one a 3xx names).
+The connection goes to an address `gateway.egress` checked, never to a fresh DNS answer, while the
+Host header, TLS SNI and certificate check stay bound to the URL's host name. Redirects are never
+followed (the allowlist vetted this host, not the one a 3xx names).
 """
 
 from __future__ import annotations
@@ -156,25 +158,45 @@ class Uploader:
             ).inc()
         return outcome
 
-    def _connection(self, target: UploadUrl) -> HTTPConnection:
+    def _connection(self, target: UploadUrl, address: str) -> HTTPConnection:
         if target.scheme.lower() == "https":
             return HTTPSConnection(
-                target.host,
+                address,
                 target.port,
                 timeout=self.timeout_s,
                 ssl_context=self.ssl_context,
                 cert_reqs="CERT_REQUIRED",
+                # SNI and the certificate's name check use the host name, not the address.
+                server_hostname=target.host,
             )
-        return HTTPConnection(target.host, target.port, timeout=self.timeout_s)
+        return HTTPConnection(address, target.port, timeout=self.timeout_s)
+
+    def _connect(self, target: UploadUrl) -> HTTPConnection:
+        """A connection to the first checked address that takes one, in the resolver's order."""
+        for number, address in enumerate(target.addresses, start=1):
+            conn = self._connection(target, address)
+            try:
+                conn.connect()
+            except urllib3.exceptions.ConnectTimeoutError:  # refused, unreachable or timed out
+                conn.close()
+                if number == len(target.addresses):
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+            else:
+                return conn
+        raise ValueError("the upload target has no checked address (see gateway.egress.pin)")
 
     def _attempt(self, target: UploadUrl, body: bytes, md5_hex: str, number: int) -> Attempt:
-        conn = self._connection(target)
+        conn: HTTPConnection | None = None
         try:
+            conn = self._connect(target)
             conn.request(
                 "PUT",
                 target.request_target,
                 body=body,
-                headers=self.headers,
+                headers={"Host": target.host_header, **self.headers},
                 preload_content=False,
                 decode_content=False,
             )
@@ -192,7 +214,8 @@ class Uploader:
         except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError):
             return Attempt(number, "connection_error", retryable=True)
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
         code_match = _S3_ERROR_CODE.search(head)
         error_code = code_match.group(1).decode() if code_match else None

@@ -22,6 +22,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     Overloaded,
+    QueueTimeout,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -89,6 +90,7 @@ class TritonGateway:
         http: urllib3.PoolManager,
         metrics: Metrics | None = None,
         classifier_model: str = "nsfw",
+        queue_timeout_s: float | None = None,
     ) -> None:
         self.url = url
         self.metrics_url = metrics_url
@@ -99,6 +101,10 @@ class TritonGateway:
         self.retry_after_s = retry_after_s
         self.http = http
         self.metrics = metrics
+        # Triton's queue-policy timeout, in microseconds; None leaves the model's default.
+        self.queue_timeout_us = (
+            None if queue_timeout_s is None else max(1, int(queue_timeout_s * 1_000_000))
+        )
         # The channel connects lazily: building the gateway never fails because Triton is down.
         self.client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
 
@@ -116,6 +122,8 @@ class TritonGateway:
             # Triton 2.51 drops the gRPC deadline at the ensemble's first step; the
             # diffusion model reads this parameter instead and stops between steps.
             parameters={"timeout_ms": max(1, int(deadline_s * 1000))},
+            # How long it may wait in the diffusion model's queue (the ensemble passes it on).
+            queue_timeout_us=self.queue_timeout_us,
         )
         image = result.as_numpy("IMAGE")
         expected = (1, req.height * req.scale, req.width * req.scale, 3)
@@ -144,6 +152,7 @@ class TritonGateway:
         outputs: list[str],
         deadline_s: float,
         parameters: dict[str, Any] | None = None,
+        queue_timeout_us: int | None = None,
     ) -> grpcclient.InferResult:
         started = time.monotonic()
         try:
@@ -153,6 +162,7 @@ class TritonGateway:
                 outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
                 client_timeout=deadline_s,
                 parameters=parameters,
+                timeout=queue_timeout_us,
             )
         except InferenceServerException as exc:
             error = self._map_error(exc, model, time.monotonic() - started, deadline_s)
@@ -175,6 +185,12 @@ class TritonGateway:
         if "RESOURCE_EXHAUSTED" in status or "Exceeds maximum queue size" in message:
             return Overloaded(
                 "the inference server is at capacity; retry later", retry_after=self.retry_after_s
+            )
+        if "Request timeout expired" in message:
+            # The queue policy's REJECT: the request waited past its queue timeout, never ran.
+            return QueueTimeout(
+                "the request waited too long in the inference queue; retry later",
+                retry_after=self.retry_after_s,
             )
         if "UNAVAILABLE" in status or not status and "connect" in message.lower():
             return Unavailable(
@@ -280,6 +296,7 @@ def _nsfw(result: grpcclient.InferResult) -> tuple[float, str]:
 def _outcome(error: GatewayError) -> str:
     return {
         Unavailable: "unavailable",
+        QueueTimeout: "queue_timeout",
         Overloaded: "overloaded",
         UpstreamTimeout: "deadline",
         InvalidRequest: "invalid",

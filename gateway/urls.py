@@ -2,16 +2,17 @@
 
 Everything works on the URL *string*: the presigned query string is sliced out and put back
 unchanged, never parsed and re-encoded, because a signature covers its exact bytes
-(`%2B` must stay `%2B`, parameter order must stay as it is).
+(`%2B` must stay `%2B`, parameter order must stay as it is). Nothing here touches the network:
+the host's addresses are resolved and checked once, later, by `gateway.egress`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 from gateway.errors import InvalidRequest
 
@@ -21,6 +22,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 _SPLIT = re.compile(r"(?P<scheme>[^:/?#]+)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)", re.DOTALL)
 _AUTHORITY = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>[0-9]{1,5}))?")
+# A host whose last label is a number is an IPv4 address to resolvers, in any of the forms
+# inet_aton accepts (2130706433, 0x7f000001, 0177.0.0.1, 127.1): only dotted decimal is allowed.
+_NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,11 @@ class UploadUrl:
     rest: str  # "?query" and/or "#fragment", verbatim
     host: str  # lower case, IPv6 without brackets
     port: int
+    # Set by check_upload_url: the allowlist names this host exactly, so it may have loopback or
+    # private addresses (wildcard matches may not).
+    exact: bool = False
+    # Set by gateway.egress: the checked addresses, the only ones the upload connects to.
+    addresses: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -42,6 +51,12 @@ class UploadUrl:
     def request_target(self) -> str:
         """Path and query as they go on the request line; a fragment is never sent."""
         return self.path + self.rest.split("#", 1)[0]
+
+    @property
+    def host_header(self) -> str:
+        """The Host header: what an HTTP client derives from the URL, as the signer saw it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == _DEFAULT_PORTS[self.scheme.lower()] else f"{host}:{self.port}"
 
     @property
     def filename(self) -> str:
@@ -54,9 +69,7 @@ class UploadUrl:
 
     def with_filename(self, filename: str) -> UploadUrl:
         directory = self.path.rsplit("/", 1)[0]
-        return UploadUrl(
-            self.scheme, self.authority, f"{directory}/{filename}", self.rest, self.host, self.port
-        )
+        return replace(self, path=f"{directory}/{filename}")
 
 
 def parse_upload_url(url: str, *, field: str = "s3_prefix") -> UploadUrl:
@@ -87,31 +100,50 @@ def parse_upload_url(url: str, *, field: str = "s3_prefix") -> UploadUrl:
     if name in ("", ".", ".."):
         raise bad("must end in a file name (e.g. .../1.png?...) that the gateway can replace")
     host = hostport["host"].lower().rstrip(".").strip("[]")
+    last_label = host.rsplit(".", 1)[-1]
+    if ":" not in host and _NUMERIC_LABEL.fullmatch(last_label) and not _is_dotted_ipv4(host):
+        raise bad("has a numeric host that is not a dotted-decimal IPv4 address")
     return UploadUrl(scheme, authority, path, parts["rest"], host, port)
 
 
 def check_upload_url(
     url: str, allowed_hosts: Iterable[str], *, field: str = "s3_prefix"
 ) -> UploadUrl:
-    """Parse `url` and refuse it unless its host is allowed; no connection is ever made here."""
-    target = parse_upload_url(url, field=field)
-    if not host_allowed(target.host, target.port, tuple(allowed_hosts)):
-        raise InvalidRequest(
-            f"{field} points to a host the gateway may not upload to ({target.host}:{target.port});"
-            " see GATEWAY_UPLOAD_ALLOWED_HOSTS",
-            field=field,
-        )
-    return target
+    """Parse `url` and refuse it unless the allowlist lets this scheme reach this host and port.
 
-
-def host_allowed(host: str, port: int, allowed: tuple[str, ...]) -> bool:
-    """Exact entries allow any address (the operator named it); wildcards public addresses only.
-
-    Entries are `host[:port]`, `*.suffix[:port]` or `*[:port]`; without a port an entry allows
-    the scheme's default ports (80, 443) only, so naming a host never opens its other services.
+    No connection and no DNS lookup happen here; `gateway.egress` resolves the host once and
+    checks its addresses before anything is sent.
     """
+    target = parse_upload_url(url, field=field)
+    permit = host_allowed(target.scheme.lower(), target.host, target.port, tuple(allowed_hosts))
+    if permit is None:
+        plain_http = target.scheme.lower() == "http"
+        if plain_http and host_allowed("https", target.host, target.port, tuple(allowed_hosts)):
+            reason = "must be https: this host is not allowed over plain http"
+        else:
+            reason = (
+                f"points to a host the gateway may not upload to ({target.host}:{target.port})"
+            )
+        raise InvalidRequest(f"{field} {reason}; see GATEWAY_UPLOAD_ALLOWED_HOSTS", field=field)
+    return replace(target, exact=permit == "exact")
+
+
+def host_allowed(
+    scheme: str, host: str, port: int, allowed: tuple[str, ...]
+) -> Literal["exact", "wildcard"] | None:
+    """Which kind of entry lets `scheme://host:port` through: "exact", "wildcard" or None.
+
+    Entries are `[http://]host[:port]`, `[http://]*.suffix[:port]` or `[http://]*[:port]`.
+    https is always required unless the entry starts with `http://`. Without a port an entry
+    allows the scheme's default ports (80, 443) only, so naming a host never opens its other
+    services. Only an exact entry may later reach loopback or private addresses.
+    """
+    found: Literal["wildcard"] | None = None
     for entry in allowed:
-        pattern, _, entry_port = entry.rpartition(":") if _has_port(entry) else (entry, "", "")
+        entry_scheme, _, rest = entry.rpartition("://")
+        if scheme != "https" and entry_scheme != "http":
+            continue
+        pattern, _, entry_port = rest.rpartition(":") if _has_port(rest) else (rest, "", "")
         if entry_port:
             if int(entry_port) != port:
                 continue
@@ -119,13 +151,12 @@ def host_allowed(host: str, port: int, allowed: tuple[str, ...]) -> bool:
             continue
         pattern = pattern.strip("[]")
         if pattern == host:
-            return True
-        wildcard = pattern == "*" or (
+            return "exact"
+        if pattern == "*" or (
             pattern.startswith("*.") and host.endswith(pattern[1:]) and _is_hostname(host)
-        )
-        if wildcard and _resolves_to_public(host, port):
-            return True
-    return False
+        ):
+            found = "wildcard"
+    return found
 
 
 def rewrite_url(target: UploadUrl, image_hash: str, naming: str) -> UploadUrl:
@@ -148,16 +179,9 @@ def _is_hostname(host: str) -> bool:
     return False
 
 
-def _resolves_to_public(host: str, port: int) -> bool:
-    # Checked at validation time only; a name that later resolves elsewhere (DNS rebinding) is
-    # not caught here, which is why private targets need an exact allowlist entry.
+def _is_dotted_ipv4(host: str) -> bool:
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-    except (OSError, UnicodeError):
-        return False
-    try:
-        return bool(addresses) and all(
-            ipaddress.ip_address(a.split("%", 1)[0]).is_global for a in addresses
-        )
+        ipaddress.IPv4Address(host)  # four decimal octets, no leading zeros
     except ValueError:
         return False
+    return True

@@ -13,14 +13,16 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from gateway.deepfake import PendingCheck
+from gateway.egress import pin
 from gateway.errors import PayloadTooLarge, UploadFailed
 from gateway.imaging import encode_jpeg
+from gateway.logs import truncate
 from gateway.moderation import body_limit, check_moderate_form, check_moderate_json
 from gateway.openapi import build_openapi
 from gateway.request import GenerateRequest, check_inputs, parse_body
 from gateway.services import Services
 from gateway.storage import UploadResult
-from gateway.urls import rewrite_url
+from gateway.urls import UploadUrl, rewrite_url
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,17 @@ def generate() -> Any:
     settings = svc.settings
     payload = parse_body(_read_body(settings.max_body_bytes), request.content_type)
     req = check_inputs(payload, settings)
-    with svc.metrics.generate_in_flight.track_inprogress(), _stage(svc, "total"):
-        return _generate(svc, req)
+    # Resolved and checked once, before any GPU time is spent; the upload connects only there.
+    s3_target = (
+        pin(req.s3_target, retry_after_s=settings.retry_after_s)
+        if req.s3_target is not None
+        else None
+    )
+    with _stage(svc, "total"):
+        return _generate(svc, req, s3_target)
 
 
-def _generate(svc: Services, req: GenerateRequest) -> Any:
+def _generate(svc: Services, req: GenerateRequest, s3_target: UploadUrl | None) -> Any:
     settings = svc.settings
     with _stage(svc, "triton"):
         generated = svc.triton.generate(req, settings.triton_deadline_s)
@@ -83,8 +91,8 @@ def _generate(svc: Services, req: GenerateRequest) -> Any:
             "image_hash": image.md5,
         }
     else:
-        assert req.s3_target is not None  # check_inputs guarantees it for "s3"
-        target = rewrite_url(req.s3_target, image.md5, settings.upload_naming)
+        assert s3_target is not None  # check_inputs guarantees it for "s3"
+        target = rewrite_url(s3_target, image.md5, settings.upload_naming)
         with _stage(svc, "upload"):
             upload = svc.uploader.put(target, image.data, image.md5)
         data = {
@@ -102,6 +110,9 @@ def _generate(svc: Services, req: GenerateRequest) -> Any:
     if deepfake is not None:
         data.update(deepfake.result().response_fields())
 
+    fields: dict[str, str] = {}
+    if settings.log_prompt_chars:  # a prompt may be long or personal: at most this much of it
+        fields["prompt"] = truncate(req.prompt, settings.log_prompt_chars)
     log.info(
         "generated %dx%d (x%d) steps=%d nsfw=%s deepfake=%s format=%s hash=%s%s",
         req.width,
@@ -113,6 +124,7 @@ def _generate(svc: Services, req: GenerateRequest) -> Any:
         req.response_format,
         image.md5,
         f" upload={upload.status} attempts={len(upload.attempts)}" if upload else "",
+        extra=fields,
     )
     if upload is not None and not upload.ok:
         # The image exists and may even be stored; the client still gets hash, score, status.

@@ -69,7 +69,7 @@ def gateway(triton: Any) -> Iterator[tuple[str, FaultServer]]:
     settings = Settings(
         triton_url=triton.grpc_url,
         triton_metrics_url=triton.metrics_url,
-        upload_allowed_hosts=(storage.hostport,),
+        upload_allowed_hosts=(f"http://{storage.hostport}",),  # plain http is allowed per host
         upload_backoff=(0.05, 0.05, 0.05),
         upload_timeout_s=2.0,
     )

@@ -94,7 +94,7 @@ def base_settings(fault_server: FaultServer) -> Settings:
     return Settings(
         triton_url=f"127.0.0.1:{free_port()}",
         triton_metrics_url=f"http://127.0.0.1:{free_port()}/metrics",
-        upload_allowed_hosts=(fault_server.hostport,),
+        upload_allowed_hosts=(f"http://{fault_server.hostport}",),
         upload_backoff=(0.05, 0.1, 0.2),
         upload_timeout_s=2.0,
         probe_timeout_s=1.0,
@@ -129,7 +129,7 @@ def triton_settings(triton: Any, s3: LocalS3, fault_server: FaultServer) -> Sett
     return Settings(
         triton_url=triton.grpc_url,
         triton_metrics_url=triton.metrics_url,
-        upload_allowed_hosts=(s3.hostport, fault_server.hostport),
+        upload_allowed_hosts=(f"http://{s3.hostport}", f"http://{fault_server.hostport}"),
         upload_backoff=(0.05, 0.1, 0.2),
         upload_timeout_s=2.0,
         triton_deadline_s=60.0,

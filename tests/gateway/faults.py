@@ -3,13 +3,17 @@
 It records every request it receives (raw request target, headers, body, arrival time) and
 answers with the next action of its script; the last action repeats once the script runs out.
 Actions: an int status (2xx answers carry an S3-style ETag with the body's MD5), `Respond`
-for full control, `HANG` (read the request, never answer) and `CLOSE` (drop the connection).
+for full control (a delay included), `HANG` (read the request, never answer) and `CLOSE` (drop
+the connection). With an `ssl.SSLContext` it serves https. `Trap` only counts connections: where
+it listens, nothing may ever connect.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ class Respond:
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     etag: str | None = "md5"  # "md5": the body's MD5, like S3; None: no ETag; else verbatim
+    delay_s: float = 0.0  # wait this long after reading the request before answering
 
 
 HANG = "hang"
@@ -43,6 +48,7 @@ class FaultServer:
     host: str = "127.0.0.1"
     script: list[Action] = field(default_factory=lambda: [200])
     requests: list[Received] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -71,6 +77,8 @@ class FaultServer:
                     self.close_connection = True
                     return
                 reply = action if isinstance(action, Respond) else Respond(int(action))
+                if reply.delay_s:
+                    server._released.wait(reply.delay_s)
                 payload = reply.body
                 if not payload and reply.status >= 300:
                     payload = f"<Error><Code>Fault{reply.status}</Code></Error>".encode()
@@ -88,6 +96,8 @@ class FaultServer:
 
         self._server = ThreadingHTTPServer((self.host, 0), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -105,7 +115,7 @@ class FaultServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def hostport(self) -> str:
@@ -129,3 +139,35 @@ class FaultServer:
         self._released.set()  # let hanging handlers go
         self._server.shutdown()
         self._server.server_close()
+
+
+class Trap:
+    """A listening socket that accepts and counts connections, and never answers."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(64)
+        self._sock.settimeout(0.1)
+        self.host = host
+        self.port = self._sock.getsockname()[1]
+        self.connections = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.connections += 1
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self._sock.close()

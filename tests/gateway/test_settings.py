@@ -28,7 +28,7 @@ def test_values_are_parsed_from_the_environment() -> None:
             "GATEWAY_TRITON_URL": "triton:9001",
             "GATEWAY_TRITON_DEADLINE_S": "30.5",
             "GATEWAY_UPLOAD_BACKOFF": "0.5, 1,2",
-            "GATEWAY_UPLOAD_ALLOWED_HOSTS": "127.0.0.1:9000, *.Sekai.chat ,[::1]:9000",
+            "GATEWAY_UPLOAD_ALLOWED_HOSTS": "HTTP://127.0.0.1:9000, *.Sekai.chat ,[::1]:9000",
             "GATEWAY_UPLOAD_HEADERS": "Content-Type: image/jpeg; x-amz-acl: public-read",
             "GATEWAY_UPLOAD_NAMING": "KEEP",
             "GATEWAY_JPEG_QUALITY": "75",
@@ -39,7 +39,7 @@ def test_values_are_parsed_from_the_environment() -> None:
     assert s.triton_url == "triton:9001"
     assert s.triton_deadline_s == 30.5
     assert s.upload_backoff == (0.5, 1.0, 2.0)
-    assert s.upload_allowed_hosts == ("127.0.0.1:9000", "*.sekai.chat", "[::1]:9000")
+    assert s.upload_allowed_hosts == ("http://127.0.0.1:9000", "*.sekai.chat", "[::1]:9000")
     assert s.upload_headers == (("Content-Type", "image/jpeg"), ("x-amz-acl", "public-read"))
     assert s.upload_naming == "keep"
     assert (s.jpeg_quality, s.workers, s.log_level) == (75, 3, "DEBUG")
@@ -57,7 +57,13 @@ def test_empty_backoff_means_a_single_attempt() -> None:
         ("GATEWAY_UPLOAD_BACKOFF", "1,two,4"),
         ("GATEWAY_UPLOAD_BACKOFF", "-1"),
         ("GATEWAY_UPLOAD_NAMING", "rename"),
-        ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "http://example.com"),
+        ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "ftp://example.com"),
+        ("GATEWAY_UPLOAD_ALLOWED_HOSTS", "http://example.com/path"),
+        ("GATEWAY_API_KEYS", "short"),
+        ("GATEWAY_API_KEYS", "a key with spaces in it"),
+        ("GATEWAY_MAX_IN_FLIGHT", "0"),
+        ("GATEWAY_SHUTDOWN_TIMEOUT_S", "-1"),
+        ("GATEWAY_TRITON_QUEUE_TIMEOUT_S", "0"),
         ("GATEWAY_UPLOAD_HEADERS", "Content-Type image/jpeg"),
         ("GATEWAY_UPLOAD_HEADERS", "Host: evil"),
         ("GATEWAY_MIN_SIZE", "60"),
@@ -137,3 +143,17 @@ def test_the_api_key_is_never_shown() -> None:
         with pytest.raises(SettingsError) as err:
             Settings.from_env({"GATEWAY_NVIDIA_API_KEY": bad})
         assert "NVIDIA_API_KEY" in str(err.value) and "s3cr3t" not in str(err.value)
+
+
+def test_api_keys_are_parsed_and_never_shown() -> None:
+    keys = ("k" * 16, "0123456789abcdef+/=")
+    s = Settings.from_env({"GATEWAY_API_KEYS": f" {keys[0]} ,{keys[1]}"})
+    assert s.api_keys == keys
+    assert keys[0] not in repr(s) and keys[1] not in repr(s)
+
+
+def test_the_shutdown_timeout_covers_the_longest_request_unless_set() -> None:
+    s = Settings()
+    assert s.graceful_timeout_s == 120 + 4 * 10 + (1 + 2 + 4) + 5
+    assert Settings(triton_deadline_s=10, upload_backoff=()).graceful_timeout_s == 10 + 10 + 5
+    assert Settings(shutdown_timeout_s=3).graceful_timeout_s == 3

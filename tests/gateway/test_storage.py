@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
+from gateway.egress import pin
 from gateway.metrics import Metrics
 from gateway.storage import RetryPolicy, Uploader
-from gateway.urls import parse_upload_url, rewrite_url
+from gateway.urls import UploadUrl, check_upload_url, parse_upload_url, rewrite_url
 from tests.gateway.faults import CLOSE, HANG, FaultServer, Respond
 
 BODY = b"\xff\xd8\xff" + bytes(range(256)) * 40
@@ -22,8 +23,14 @@ def uploader(policy: RetryPolicy = FAST, timeout_s: float = 2.0, **kwargs) -> Up
     return Uploader(policy=policy, timeout_s=timeout_s, **kwargs)
 
 
+def checked(url: str) -> UploadUrl:
+    """As the view hands a URL to the uploader: allowed (exactly), resolved, addresses checked."""
+    parsed = parse_upload_url(url)
+    return pin(check_upload_url(url, (f"http://{parsed.host}:{parsed.port}",)))
+
+
 def put(server_url: str, up: Uploader, query: str = QUERY):  # type: ignore[no-untyped-def]
-    target = rewrite_url(parse_upload_url(f"{server_url}/aiu-character/000/1.png{query}"), MD5, "rewrite")
+    target = rewrite_url(checked(f"{server_url}/aiu-character/000/1.png{query}"), MD5, "rewrite")
     return up.put(target, BODY, MD5)
 
 
@@ -203,7 +210,7 @@ def test_the_retry_policy_is_a_value() -> None:
 
 def test_a_put_to_the_local_s3_under_a_renamed_key(s3) -> None:  # type: ignore[no-untyped-def]
     url = s3.presign_put("storage-test/1.png")
-    target = rewrite_url(parse_upload_url(url), MD5, "rewrite")
+    target = rewrite_url(checked(url), MD5, "rewrite")
     result = uploader().put(target, BODY, MD5)
     assert result.ok and result.status == 200 and len(result.attempts) == 1  # ETag matched
     assert s3.get(f"storage-test/{MD5}.jpg") == BODY

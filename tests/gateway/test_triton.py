@@ -17,6 +17,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     Overloaded,
+    QueueTimeout,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -83,6 +84,9 @@ def gateway() -> TritonGateway:
         ("StatusCode.RESOURCE_EXHAUSTED", "queue full", Overloaded, 429),
         ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", Overloaded, 429),
         ("StatusCode.INTERNAL", "Exceeds maximum queue size", Overloaded, 429),
+        # Triton 2.51's own words through an ensemble (queue full, queue timeout).
+        ("StatusCode.UNAVAILABLE", "in ensemble 'txt2img', [request id: <id_unknown>] Exceeds maximum queue size", Overloaded, 429),
+        ("StatusCode.UNAVAILABLE", "in ensemble 'txt2img', Request timeout expired", QueueTimeout, 503),
         ("StatusCode.INVALID_ARGUMENT", "WIDTH must be ...", InvalidRequest, 400),
         ("StatusCode.NOT_FOUND", "Request for unknown model", Unavailable, 503),
         ("StatusCode.INTERNAL", "generation failed: boom", UpstreamError, 502),

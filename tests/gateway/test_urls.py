@@ -82,27 +82,35 @@ def test_bad_urls_are_400_naming_s3_prefix(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("host", "port", "allowed", "expected"),
+    ("url", "allowed", "expected"),
     [
-        ("127.0.0.1", 9000, ("127.0.0.1:9000",), True),
-        ("127.0.0.1", 9001, ("127.0.0.1:9000",), False),
-        ("127.0.0.1", 9000, ("localhost:9000",), False),
-        ("prod-data.sekai.chat", 443, ("prod-data.sekai.chat",), True),
-        ("prod-data.sekai.chat", 8443, ("prod-data.sekai.chat",), False),  # no port: 80/443 only
-        ("prod-data.sekai.chat", 443, ("other.sekai.chat",), False),
-        ("evil-sekai.chat", 443, ("*.sekai.chat",), False),
-        ("sekai.chat", 443, ("*.sekai.chat",), False),
-        ("localhost", 443, ("*",), False),  # wildcards never reach loopback
-        ("127.0.0.1", 443, ("*",), False),
-        ("10.0.0.8", 443, ("*",), False),
-        ("169.254.169.254", 80, ("*",), False),  # cloud metadata
-        ("::1", 443, ("*",), False),
-        ("::1", 9000, ("[::1]:9000",), True),
-        ("anything.test", 443, (), False),  # empty allowlist: nothing
+        ("http://127.0.0.1:9000/1.png", ("http://127.0.0.1:9000",), "exact"),
+        ("https://127.0.0.1:9000/1.png", ("http://127.0.0.1:9000",), "exact"),  # http allows https
+        ("http://127.0.0.1:9000/1.png", ("127.0.0.1:9000",), None),  # plain http not allowed
+        ("http://127.0.0.1:9000/1.png", ("https://127.0.0.1:9000",), None),
+        ("http://127.0.0.1:9001/1.png", ("http://127.0.0.1:9000",), None),
+        ("http://127.0.0.1:9000/1.png", ("http://localhost:9000",), None),
+        ("https://prod-data.sekai.chat/1.png", ("prod-data.sekai.chat",), "exact"),
+        ("http://prod-data.sekai.chat/1.png", ("prod-data.sekai.chat",), None),
+        ("https://prod-data.sekai.chat:8443/1.png", ("prod-data.sekai.chat",), None),  # 80/443 only
+        ("https://prod-data.sekai.chat/1.png", ("other.sekai.chat",), None),
+        ("https://a.sekai.chat/1.png", ("*.sekai.chat",), "wildcard"),
+        ("https://evil-sekai.chat/1.png", ("*.sekai.chat",), None),  # look-alike suffix
+        ("https://sekai.chat.evil.test/1.png", ("*.sekai.chat",), None),
+        ("https://sekai.chat/1.png", ("*.sekai.chat",), None),
+        ("https://a.sekai.chat/1.png", ("*.sekai.chat", "a.sekai.chat"), "exact"),  # exact wins
+        ("https://10.0.0.8/1.png", ("*.0.0.8",), None),  # suffixes match names, not addresses
+        # A wildcard matches loopback names too; gateway.egress then refuses their addresses.
+        ("https://localhost/1.png", ("*",), "wildcard"),
+        ("http://localhost/1.png", ("*",), None),
+        ("http://localhost:8000/1.png", ("http://*:8000",), "wildcard"),
+        ("http://[::1]:9000/1.png", ("http://[::1]:9000",), "exact"),
+        ("https://anything.test/1.png", (), None),  # empty allowlist: nothing
     ],
 )
-def test_allowlist(host: str, port: int, allowed: tuple[str, ...], expected: bool) -> None:
-    assert host_allowed(host, port, allowed) is expected
+def test_allowlist(url: str, allowed: tuple[str, ...], expected: str | None) -> None:
+    target = parse_upload_url(url)
+    assert host_allowed(target.scheme, target.host, target.port, allowed) == expected
 
 
 def test_check_upload_url_refuses_a_host_not_allowed() -> None:
@@ -115,3 +123,26 @@ def test_check_upload_url_refuses_a_host_not_allowed() -> None:
 
 def test_host_matching_ignores_case_and_a_trailing_dot() -> None:
     assert check_upload_url("https://Prod-Data.Sekai.Chat./a/1.png", ("prod-data.sekai.chat",))
+
+
+def test_plain_http_to_an_https_only_host_says_https_is_required() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        check_upload_url("http://prod-data.sekai.chat/a/1.png", ("prod-data.sekai.chat",))
+    assert err.value.field == "s3_prefix" and "https" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "host", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "017700000001", "127.0.0.01", "0"]
+)
+def test_numeric_hosts_other_than_dotted_decimal_are_refused(host: str) -> None:
+    """inet_aton reads all of these as 127.0.0.1 (or 0.0.0.0): they never reach a resolver."""
+    with pytest.raises(InvalidRequest) as err:
+        parse_upload_url(f"http://{host}:9000/a/1.png")
+    assert err.value.field == "s3_prefix"
+
+
+def test_the_host_header_is_what_an_http_client_derives_from_the_url() -> None:
+    assert parse_upload_url(SPEC_URL).host_header == "prod-data.sekai.chat"
+    assert parse_upload_url("http://Storage.Test:9000/1.png").host_header == "storage.test:9000"
+    assert parse_upload_url("https://[::1]:8443/1.png").host_header == "[::1]:8443"
+    assert parse_upload_url("http://h.test:80/1.png").host_header == "h.test"

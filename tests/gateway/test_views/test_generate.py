@@ -227,7 +227,7 @@ def test_403_is_not_retried(triton_client: FlaskClient, fault_server: FaultServe
 def test_connection_refused_is_retried_then_reported(
     make_app: Any, triton_settings: Settings, closed_port: int
 ) -> None:
-    settings = triton_settings.replace(upload_allowed_hosts=(f"127.0.0.1:{closed_port}",))
+    settings = triton_settings.replace(upload_allowed_hosts=(f"http://127.0.0.1:{closed_port}",))
     response = make_app(settings).test_client().post(
         "/generate", json=small(s3_prefix=f"http://127.0.0.1:{closed_port}/b/1.png")
     )

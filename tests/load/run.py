@@ -1,0 +1,365 @@
+"""Load with faults: concurrent clients against the real stack, a flaky storage before the local S3.
+
+    .venv/bin/python -m tests.load.run                       # 32 clients × 8 requests each
+    .venv/bin/python -m tests.load.run --restart-triton-after 100   # the same, Triton crashing
+
+Starts its own Triton (demo models), moto, the flaky proxy (tests/load/flaky_storage.py) and the
+gateway under gunicorn, all on free loopback ports. Every client sends its requests one after the
+other (64×64, 2 steps, NSFW on, each to its own presigned key). Then it checks what the issue asks:
+no 500; every 200's object exists in S3 and its MD5 is `image_hash`; every failure is a 502
+`upload_failed` carrying the final storage status (503s are allowed only around a Triton
+restart); and it prints the gateway's RSS before, at peak and after. Exit status 1 on a violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from typing_extensions import Self
+
+from embedded.triton import TritonServer
+from tests.load.flaky_storage import FlakyStorage
+
+SHM = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    client: int
+    index: int
+    status: int
+    body: Any
+    started: float  # time.monotonic()
+    finished: float
+    prefix: str  # the S3 key prefix the request uploaded under
+    retry_after: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+
+@dataclass
+class Report:
+    outcomes: list[Outcome]
+    elapsed_s: float
+    rss_before: int = 0
+    rss_peak: int = 0
+    rss_after: int = 0
+    storage_actions: Counter[str] = field(default_factory=Counter)
+
+    def statuses(self) -> Counter[int]:
+        return Counter(o.status for o in self.outcomes)
+
+    def lines(self) -> list[str]:
+        ok = sorted(o.seconds for o in self.outcomes if o.status == 200)
+
+        def pct(q: float) -> str:
+            return f"{ok[min(len(ok) - 1, int(q * len(ok)))]:.2f}s" if ok else "-"
+
+        final = Counter(
+            str(o.body.get("data", {}).get("s3_upload_status"))
+            for o in self.outcomes
+            if o.status == 502 and isinstance(o.body, dict)
+        )
+        mib = 1024 * 1024
+        rate = len(self.outcomes) / self.elapsed_s
+        rss = (self.rss_before / mib, self.rss_peak / mib, self.rss_after / mib)
+        return [
+            f"requests: {len(self.outcomes)} in {self.elapsed_s:.1f}s ({rate:.1f}/s)",
+            f"statuses: {dict(sorted(self.statuses().items()))}",
+            f"502 final storage statuses: {dict(sorted(final.items()))}",
+            f"latency of 200s: p50 {pct(0.5)}, p95 {pct(0.95)}, max {pct(1.0)}",
+            f"storage actions: {dict(sorted(self.storage_actions.items()))}",
+            "gateway RSS: before {:.1f} MiB, peak {:.1f} MiB, after {:.1f} MiB".format(*rss),
+        ]
+
+
+def request_body(client: int, index: int, s3_prefix: str) -> dict[str, Any]:
+    return {
+        "prompt": f"load test, client {client}, request {index}",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "upscale": False,
+        "enable_nsfw_check": True,
+        "seed": client * 100_000 + index,
+        "s3_prefix": s3_prefix,
+    }
+
+
+def drive(
+    gateway_url: str,
+    presign: Callable[[str], str],
+    *,
+    clients: int,
+    requests: int,
+    headers: dict[str, str] | None = None,
+    until: threading.Event | None = None,
+    outcomes: list[Outcome] | None = None,
+    run_id: str = "load",
+) -> list[Outcome]:
+    """`clients` threads, each sending up to `requests` requests one after the other (fewer if
+    `until` is set first); answers go to `outcomes` as they come, for a caller watching from
+    another thread. Like a well-behaved client, each waits Retry-After after a 429 or 503."""
+    http = urllib3.PoolManager(maxsize=clients, retries=False, timeout=urllib3.Timeout(total=300))
+    outcomes = [] if outcomes is None else outcomes
+    lock = threading.Lock()
+    stop = until or threading.Event()
+
+    def client(number: int) -> None:
+        for index in range(requests):
+            if stop.is_set():
+                return
+            prefix = f"{run_id}/{number}/{index}"
+            body = request_body(number, index, presign(f"{prefix}/1.png"))
+            started = time.monotonic()
+            try:
+                response = http.request(
+                    "POST",
+                    f"{gateway_url}/generate",
+                    json=body,
+                    # A fresh connection each time: a kept-alive one that the server closes just
+                    # as it is reused would fail the request before it reaches the gateway.
+                    headers={**(headers or {}), "Connection": "close"},
+                )
+            except urllib3.exceptions.HTTPError as exc:  # no answer at all: status 0
+                status, answer, retry_after = 0, f"{type(exc).__name__}: {exc}", None
+            else:
+                status, retry_after = response.status, response.headers.get("Retry-After")
+                try:
+                    answer = json.loads(response.data)
+                except ValueError:
+                    answer = response.data.decode(errors="replace")
+            outcome = Outcome(
+                number, index, status, answer, started, time.monotonic(), prefix, retry_after
+            )
+            with lock:
+                outcomes.append(outcome)
+            if status in (429, 503):
+                stop.wait(float(retry_after or 1))
+
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client, n) for n in range(clients)]:
+            future.result()
+    return outcomes
+
+
+def answered(outcomes: list[Outcome], *, status: int | None = None, after: float = 0.0) -> int:
+    """How many answers (with that status, finished after `after`) have come back so far."""
+    return sum(
+        1 for o in list(outcomes) if (status is None or o.status == status) and o.finished > after
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def object_reader(s3: Any) -> Callable[[str], bytes | None]:
+    """An S3 object's bytes by key, read from the local S3 itself (not through the proxy)."""
+    client = s3.client()
+
+    def get_object(key: str) -> bytes | None:
+        try:
+            return client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+
+    return get_object
+
+
+def presigner(s3: Any, front: FlakyStorage | None = None) -> Callable[[str], str]:
+    """Presigned PUT URLs for the local S3, pointed at the flaky front when there is one."""
+    if front is None:
+        return s3.presign_put
+    return lambda key: s3.presign_put(key).replace(s3.url, front.url, 1)
+
+
+def violations(
+    outcomes: list[Outcome], get_object: Callable[[str], bytes | None], *, allow_503: bool = False
+) -> list[str]:
+    """What the run must never show; empty when everything held."""
+    found: list[str] = []
+    for o in outcomes:
+        where = f"client {o.client} request {o.index}"
+        if not isinstance(o.body, dict):
+            found.append(f"{where}: {o.status} without a JSON body")
+            continue
+        if o.status == 200:
+            data = o.body["data"]
+            stored = get_object(f"{o.prefix}/{data['image_hash']}.jpg")
+            if stored is None:
+                found.append(f"{where}: 200 but no object in S3")
+            elif hashlib.md5(stored).hexdigest() != data["image_hash"]:
+                found.append(f"{where}: the stored object's MD5 is not image_hash")
+        elif o.status == 502:
+            error, data = o.body.get("error", {}), o.body.get("data")
+            if error.get("code") != "upload_failed" or data is None or "s3_upload_status" not in data:
+                found.append(f"{where}: 502 without upload_failed and the final status: {o.body}")
+        elif o.status == 503 and allow_503:
+            if o.body.get("error", {}).get("code") != "unavailable" or not o.retry_after:
+                found.append(f"{where}: 503 without 'unavailable' and Retry-After: {o.body}")
+        else:
+            found.append(f"{where}: unexpected {o.status}: {o.body}")
+    return found
+
+
+class RssSampler:
+    """Peak resident memory of a process, sampled every `every_s` seconds."""
+
+    def __init__(self, read: Callable[[], int], every_s: float = 0.5) -> None:
+        self.read = read
+        self.peak = read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.peak = max(self.peak, self.read())
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+
+def _process_group(pgid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # the 5th field of /proc/PID/stat: process group
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def crash_and_restart(server: TritonServer, timeout: float = 300.0) -> float:
+    """SIGKILL Triton and its backend stubs (a crash, not a drain), then start it again on the
+    same ports; returns the seconds it was down. The stubs' shared-memory regions, which a killed
+    Triton cannot remove, are removed by name (read from the stubs' command lines)."""
+    assert server.process is not None
+    pgid = server.process.pid
+    regions = set()
+    for pid in _process_group(pgid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        regions.update(a.decode() for a in args if a.startswith(b"triton_python_backend_shm_region_"))
+    down = time.monotonic()
+    os.killpg(pgid, signal.SIGKILL)
+    server.stop()
+    for name in regions:
+        (SHM / name).unlink(missing_ok=True)
+    server.start()
+    server.wait_ready(timeout=timeout)
+    return time.monotonic() - down
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=8, help="per client")
+    parser.add_argument("--seed", type=int, default=1, help="of the flaky storage's faults")
+    parser.add_argument("--backoff", default="1,2,4", help="GATEWAY_UPLOAD_BACKOFF")
+    parser.add_argument("--upload-timeout", default="3", help="GATEWAY_UPLOAD_TIMEOUT_S")
+    parser.add_argument(
+        "--restart-triton-after", type=int, default=0, metavar="N",
+        help="crash and restart Triton once N answers have come back (0: never)",
+    )
+    args = parser.parse_args(argv)
+
+    from embedded.s3 import MotoS3Server
+    from embedded.triton import DEFAULT_REPOSITORY
+    from tests.conftest import start_triton, unused_port
+    from tests.gateway.conftest import BUCKET, LocalS3
+    from tests.gateway.process import GunicornGateway
+
+    workdir = Path(tempfile.mkdtemp(prefix="imagegen-load-"))
+    print(f"logs in {workdir}", flush=True)
+    triton = start_triton(DEFAULT_REPOSITORY, workdir / "triton")
+    moto = MotoS3Server(port=unused_port(), log_path=workdir / "moto.log").start().wait_ready()
+    s3 = LocalS3(moto)
+    s3.client().create_bucket(Bucket=BUCKET)
+    storage = FlakyStorage(s3.url, seed=args.seed).start()
+    gateway = GunicornGateway(
+        workdir / "gateway.log",
+        TRITON_URL=triton.grpc_url,
+        TRITON_METRICS_URL=triton.metrics_url,
+        UPLOAD_ALLOWED_HOSTS=f"http://{storage.hostport}",
+        UPLOAD_BACKOFF=args.backoff,
+        UPLOAD_TIMEOUT_S=args.upload_timeout,
+        THREADS=str(args.clients + 8),
+        MAX_IN_FLIGHT=str(args.clients),
+        # 32 clients keep Triton's queue full: on 2 CPU cores a request can wait there longer
+        # than the model's 60 s default. This run is about storage faults, so the queue may hold
+        # a request almost to the 120 s deadline (the queue timeout has its own test).
+        TRITON_QUEUE_TIMEOUT_S="100",
+        LOG_LEVEL="WARNING",
+    )
+    presign, get_object = presigner(s3, storage), object_reader(s3)
+    try:
+        with gateway:
+            pid = gateway.worker_pids()
+            drive(gateway.url, presign, clients=args.clients, requests=1, run_id="warmup")
+            storage.actions.clear()
+            rss_before = gateway.rss_bytes()
+            outcomes: list[Outcome] = []
+            started = time.monotonic()
+            with RssSampler(gateway.rss_bytes) as rss:
+                traffic = threading.Thread(
+                    target=drive,
+                    args=(gateway.url, presign),
+                    kwargs={"clients": args.clients, "requests": args.requests, "outcomes": outcomes},
+                )
+                traffic.start()
+                if args.restart_triton_after:
+                    wait_until(
+                        lambda: answered(outcomes) >= args.restart_triton_after, 3600, "answers"
+                    )
+                    print(f"Triton crashed and back after {crash_and_restart(triton):.1f}s", flush=True)
+                traffic.join()
+            report = Report(
+                outcomes, time.monotonic() - started, rss_before, rss.peak, gateway.rss_bytes(),
+                storage.actions,
+            )
+            found = violations(outcomes, get_object, allow_503=bool(args.restart_triton_after))
+            if gateway.worker_pids() != pid:
+                found.append("the gateway's worker was restarted")
+    finally:
+        storage.stop()
+        moto.stop()
+        triton.stop()
+    print("\n".join(report.lines()))
+    print("\n".join(found[:20]) if found else "OK: no violation")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
