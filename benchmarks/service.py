@@ -31,9 +31,10 @@ import requests
 import tritonclient.grpc as grpcclient
 
 from benchmarks.report import Timings, print_summary, print_table
+from embedded.process import free_port
 from embedded.s3 import MotoS3Server
 from embedded.stack import GatewayProcess, gateway_environment
-from embedded.triton import DEFAULT_REPOSITORY, TritonServer, free_port
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 
 BUCKET = "bench"
 STEPS = 2

@@ -12,14 +12,12 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from embedded.process import ManagedProcess, ProcessStartError
 from embedded.s3 import MotoS3Server
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
 
@@ -33,7 +31,7 @@ class Shutdown(Exception):
     """A stop signal arrived."""
 
 
-class StackError(RuntimeError):
+class StackError(ProcessStartError):
     """A part did not start, or died."""
 
 
@@ -58,55 +56,32 @@ def gateway_environment(
     return env
 
 
-class GatewayProcess:
+class GatewayProcess(ManagedProcess):
+    """gunicorn serving the gateway; ready when its /readyz says so (Triton and models up)."""
+
+    name = "the gateway (gunicorn)"
+    start_error = StackError
+    cwd = PROJECT_ROOT
+
     def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
         self.env = env
         self.log_path = log_path
         self.url = f"http://{env['GATEWAY_HOST']}:{env['GATEWAY_PORT']}"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process = None
 
-    def start(self) -> None:
-        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "gunicorn",
-                "--config", str(GUNICORN_CONF),
-                "gateway:create_app()",
-            ],
-            env=self.env,
-            cwd=PROJECT_ROOT,
-            # Its own session: Ctrl-C reaches only the stack, which stops the parts in order.
-            start_new_session=True,
-            stdout=output,
-            stderr=subprocess.STDOUT if output else None,
-        )
-        if output:
-            output.close()
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "gunicorn",
+            "--config", str(GUNICORN_CONF),
+            "gateway:create_app()",
+        ]
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                raise StackError("the gateway (gunicorn) exited; see its output above")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
-        raise StackError(f"the gateway at {self.url} was not ready after {timeout:.0f}s")
+    def environment(self) -> dict[str, str]:
+        return self.env
 
-    def stop(self, timeout: float = 30.0) -> None:
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # gunicorn: graceful, finishes requests in flight
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    @property
+    def ready_url(self) -> str:
+        return f"{self.url}/readyz"
 
 
 def _raise_shutdown(signum: int, _frame: FrameType | None) -> None:

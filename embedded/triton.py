@@ -13,18 +13,15 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from typing_extensions import Self
+
+from embedded.process import ManagedProcess, ProcessStartError, free_port
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +30,8 @@ DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 DEFAULT_WORKDIR = PROJECT_ROOT / ".run" / "triton"
 
 
-class TritonStartError(RuntimeError):
+class TritonStartError(ProcessStartError):
     """The server exited or never became ready."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _pytriton_dist() -> tuple[Path, Path]:
@@ -67,8 +58,15 @@ def prepare_backends(workdir: Path) -> Path:
 
 
 @dataclass
-class TritonServer:
-    """One tritonserver process; usable as a context manager that waits until it is ready."""
+class TritonServer(ManagedProcess):
+    """One tritonserver process; usable as a context manager that waits until it is ready.
+
+    stop() sends SIGTERM (Triton unloads its models and stops their stubs), then SIGKILLs
+    whatever is left in its session."""
+
+    name = "tritonserver"
+    start_error = TritonStartError
+    poll_interval_s = 0.5
 
     repository: Path = DEFAULT_REPOSITORY
     http_port: int = 8000
@@ -143,71 +141,12 @@ class TritonServer:
         )
         return env
 
-    def start(self) -> TritonServer:
-        if self.process is not None:
-            raise TritonStartError("already started")
-        stdout = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
-        # A session of its own, so stop() can reach the backend stubs through the process group.
-        self.process = subprocess.Popen(
-            self.command(),
-            env=self.environment(),
-            stdout=stdout,
-            stderr=subprocess.STDOUT if stdout else None,
-            start_new_session=True,
-        )
-        if stdout:
-            stdout.close()
-        return self
+    @property
+    def ready_url(self) -> str:
+        return f"{self.http_url}/v2/health/ready"
 
-    def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def wait_ready(self, timeout: float = 300.0) -> TritonServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise TritonStartError(
-                    f"tritonserver exited with {self.process.returncode}"
-                    + (f"; see {self.log_path}" if self.log_path else "")
-                )
-            if self.is_ready():
-                return self
-            time.sleep(0.5)
-        raise TritonStartError(f"tritonserver not ready after {timeout:.0f}s")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton unloads models and stops its stubs), then SIGKILL what is left."""
-        proc, self.process = self.process, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in %.0fs; killing it", timeout)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stray stubs, if any
-        except ProcessLookupError:
-            pass
-        return proc.wait()
-
-    def __enter__(self) -> Self:
-        self.start()
-        try:
-            return self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def wait_ready(self, timeout: float = 300.0) -> Self:
+        return super().wait_ready(timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

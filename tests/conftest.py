@@ -11,17 +11,8 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from embedded.triton import DEFAULT_REPOSITORY, TritonServer, free_port
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.demo_models import DEMO_DIR, build
-
-
-def unused_port() -> int:
-    return free_port()
-
-
-def start_triton(repository: Path, workdir: Path, **kwargs: object) -> TritonServer:
-    """A ready TritonServer on free ports; the caller stops it."""
-    return TritonServer.on_free_ports(repository, workdir, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +24,6 @@ def demo_models() -> Path:
 
 @pytest.fixture(scope="session")
 def triton(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    server = start_triton(DEFAULT_REPOSITORY, tmp_path_factory.mktemp("triton"))
+    server = TritonServer.on_free_ports(DEFAULT_REPOSITORY, tmp_path_factory.mktemp("triton"))
     yield server
     server.stop()

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from werkzeug.serving import make_server
 
+from embedded.process import free_port
 from gateway import Settings, create_app
-from tests.conftest import unused_port
 from tests.deploy.tools import require
 from tests.gateway.faults import FaultServer
 
@@ -74,7 +74,7 @@ def gateway(triton: Any) -> Iterator[tuple[str, FaultServer]]:
         upload_timeout_s=2.0,
     )
     app = create_app(settings)
-    server = make_server("127.0.0.1", unused_port(), app, threaded=True)
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"127.0.0.1:{server.server_port}", storage
@@ -111,7 +111,7 @@ def test_failing_uploads_raise_the_upload_failure_alert(
 ) -> None:
     gateway_address, storage = gateway
     config = _test_config(tmp_path, gateway_address, f"{triton.host}:{triton.metrics_port}")
-    port = unused_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api/v1"
     log = tmp_path / "prometheus.log"
     with log.open("wb") as out:

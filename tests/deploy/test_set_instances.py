@@ -14,8 +14,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from embedded.triton import DEFAULT_REPOSITORY
-from tests.conftest import start_triton
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "set_instances.py"
 
@@ -86,7 +85,7 @@ def test_triton_serves_the_copy_with_the_counts_set(tmp_path: Path) -> None:
     target = tmp_path / "models"
     assert run(target, TRITON_INSTANCES_UPSCALER="2").returncode == 0
     # The upscaler alone loads in seconds; it is enough to show Triton takes the linked layout.
-    server = start_triton(
+    server = TritonServer.on_free_ports(
         target, tmp_path / "triton", extra_args=["--model-control-mode=explicit", "--load-model=upscaler"]
     )
     try:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from embedded.process import free_port
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
-from tests.conftest import unused_port
 
 
 def session_processes(sid: int) -> list[str]:
@@ -53,10 +53,10 @@ def children(pid: int) -> list[int]:
 def test_cli_forwards_the_signal_and_leaves_no_stub_behind(
     small_repository: Path, tmp_path: Path, signum: signal.Signals
 ) -> None:
-    http = unused_port()
+    http = free_port()
     command = [sys.executable, "-m", "embedded.triton", "--model-repository", str(small_repository),
-               "--http-port", str(http), "--grpc-port", str(unused_port()),
-               "--metrics-port", str(unused_port())]
+               "--http-port", str(http), "--grpc-port", str(free_port()),
+               "--metrics-port", str(free_port())]
     with open(tmp_path / "out.log", "wb") as log:
         cli = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
     probe = TritonServer(http_port=http)
@@ -75,8 +75,8 @@ def test_cli_forwards_the_signal_and_leaves_no_stub_behind(
 
 
 def test_context_manager_starts_ready_and_stops_everything(small_repository: Path, tmp_path: Path) -> None:
-    server = TritonServer(repository=small_repository, http_port=unused_port(),
-                          grpc_port=unused_port(), metrics_port=unused_port(),
+    server = TritonServer(repository=small_repository, http_port=free_port(),
+                          grpc_port=free_port(), metrics_port=free_port(),
                           workdir=tmp_path, log_path=tmp_path / "triton.log")
     with server:
         assert server.process is not None

@@ -3,7 +3,6 @@ session's Triton from tests/conftest.py), apps built from explicit `Settings` va
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,13 @@ from botocore.config import Config
 from flask import Flask
 from flask.testing import FlaskClient
 
+from embedded.process import free_port
 from embedded.s3 import MotoS3Server
 from gateway import Settings, create_app
 from tests.gateway.fake_nvidia import faces
 from tests.gateway.faults import FaultServer
 
 BUCKET = "aiu-character"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalS3:

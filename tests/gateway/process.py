@@ -6,64 +6,41 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from typing_extensions import Self
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from embedded.process import free_port
+from embedded.stack import GatewayProcess, StackError
+from embedded.triton import PROJECT_ROOT
 
 
-def _free_port() -> int:
-    import socket
+class GunicornGateway(GatewayProcess):
+    """Ready once /healthz answers: some tests run it while Triton is down."""
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class GunicornGateway:
     def __init__(self, log_path: Path, **settings: str) -> None:
         """`settings` are GATEWAY_* variables without the prefix, e.g. TRITON_URL="..."."""
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        self.env.update({f"GATEWAY_{k}": v for k, v in settings.items()})
-        self.env.update(GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(self.port))
-        self.env["PYTHONPATH"] = str(PROJECT_ROOT)
-        self.process: subprocess.Popen[bytes] | None = None
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update({f"GATEWAY_{k}": v for k, v in settings.items()})
+        env.update(GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(self.port))
+        env["PYTHONPATH"] = str(PROJECT_ROOT)
+        super().__init__(env, log_path)
+
+    @property
+    def ready_url(self) -> str:
+        return f"{self.url}/healthz"
 
     def start(self, timeout: float = 60.0) -> Self:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "gunicorn",
-                    "--config", str(PROJECT_ROOT / "gateway" / "gunicorn.conf.py"),
-                    "gateway:create_app()",
-                ],
-                cwd=PROJECT_ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2):
-                    return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"gunicorn did not answer within {timeout:.0f}s:\n{self.output()}")
+        super().start()
+        try:
+            return self.wait_ready(timeout)
+        except StackError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}:\n{self.output()}") from None
 
     def worker_pids(self) -> list[int]:
         assert self.process is not None
@@ -88,26 +65,6 @@ class GunicornGateway:
     def terminate(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        proc, self.process = self.process, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                return proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        return proc.wait()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def request(

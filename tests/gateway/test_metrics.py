@@ -18,9 +18,9 @@ from typing import Any
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedded.process import free_port
 from gateway import Settings
 from gateway.metrics import NSFW_OUTCOMES, UPLOAD_OUTCOMES, UPLOAD_RESULTS, Metrics
-from tests.gateway.conftest import free_port
 from tests.gateway.faults import HANG, FaultServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

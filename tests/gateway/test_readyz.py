@@ -9,9 +9,9 @@ from typing import Any
 
 from flask.testing import FlaskClient
 
+from embedded.process import free_port
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from gateway import Settings
-from tests.gateway.conftest import free_port
 
 
 def test_ready_with_both_ensembles_and_the_loaded_models(triton_client: FlaskClient) -> None:

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.gateway.conftest import free_port
+from embedded.process import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

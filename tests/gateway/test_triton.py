@@ -13,6 +13,7 @@ import urllib3
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from embedded.process import free_port
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -23,7 +24,6 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.triton import TritonGateway, _nsfw
-from tests.gateway.conftest import free_port
 
 
 class Outputs:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
-from tests.conftest import start_triton
 from tests.gateway.conftest import LocalS3
 from tests.gateway.process import GunicornGateway
 from tests.load.run import (
@@ -30,7 +29,7 @@ CLIENTS = 6
 @pytest.fixture
 def own_triton(demo_models: Path, tmp_path: Path) -> Iterator[TritonServer]:
     """A Triton of this test's own: the session's must not go down under the other tests."""
-    server = start_triton(DEFAULT_REPOSITORY, tmp_path / "triton")
+    server = TritonServer.on_free_ports(DEFAULT_REPOSITORY, tmp_path / "triton")
     yield server
     server.stop()
 

@@ -295,16 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from embedded.process import free_port
     from embedded.s3 import MotoS3Server
     from embedded.triton import DEFAULT_REPOSITORY
-    from tests.conftest import start_triton, unused_port
     from tests.gateway.conftest import BUCKET, LocalS3
     from tests.gateway.process import GunicornGateway
 
     workdir = Path(tempfile.mkdtemp(prefix="imagegen-load-"))
     print(f"logs in {workdir}", flush=True)
-    triton = start_triton(DEFAULT_REPOSITORY, workdir / "triton")
-    moto = MotoS3Server(port=unused_port(), log_path=workdir / "moto.log").start().wait_ready()
+    triton = TritonServer.on_free_ports(DEFAULT_REPOSITORY, workdir / "triton")
+    moto = MotoS3Server(port=free_port(), log_path=workdir / "moto.log").start().wait_ready()
     s3 = LocalS3(moto)
     s3.client().create_bucket(Bucket=BUCKET)
     storage = FlakyStorage(s3.url, seed=args.seed).start()

@@ -15,7 +15,6 @@ from tritonclient.utils import InferenceServerException
 
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.nsfw import reference_scores, sample_images
-from tests.conftest import start_triton
 from tests.models.helpers import executions, generation, tensors
 
 PARITY = 1e-4
@@ -111,7 +110,7 @@ def failing_nsfw(
             f"txt2img_nsfw_{variant}",
             {'model_name: "nsfw"': f'model_name: "nsfw_{variant}"'},
         )
-    server = start_triton(
+    server = TritonServer.on_free_ports(
         repository,
         tmp_path_factory.mktemp("failsafe-triton"),
         env={"IMAGEGEN_DIFFUSION_MODEL": str(demo_models / "diffusion")},
