@@ -39,6 +39,7 @@ class ManagedProcess:
     name = "process"
     start_error: type[Exception] = ProcessStartError
     poll_interval_s = 0.2
+    ready_timeout_s = 60.0
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None
     log_path: Path | None
@@ -78,7 +79,8 @@ class ManagedProcess:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout: float = 60.0) -> Self:
+    def wait_ready(self, timeout: float | None = None) -> Self:
+        timeout = self.ready_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
@@ -108,13 +110,17 @@ class ManagedProcess:
             pass
         return proc.wait()
 
-    def __enter__(self) -> Self:
+    def launch(self) -> Self:
+        """start() and wait_ready(); one that never gets ready is stopped, not left behind."""
         self.start()
         try:
             return self.wait_ready()
         except BaseException:
             self.stop()
             raise
+
+    def __enter__(self) -> Self:
+        return self.launch()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

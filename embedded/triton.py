@@ -19,8 +19,6 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from typing_extensions import Self
-
 from embedded.process import ManagedProcess, ProcessStartError, free_port
 
 log = logging.getLogger(__name__)
@@ -67,6 +65,7 @@ class TritonServer(ManagedProcess):
     name = "tritonserver"
     start_error = TritonStartError
     poll_interval_s = 0.5
+    ready_timeout_s = 300.0  # loading the diffusion pipeline takes a while on 2 cores
 
     repository: Path = DEFAULT_REPOSITORY
     http_port: int = 8000
@@ -104,12 +103,7 @@ class TritonServer(ManagedProcess):
             log_path=workdir / "triton.log",
             **kwargs,  # type: ignore[arg-type]
         )
-        server.start()
-        try:
-            return server.wait_ready(timeout=300)
-        except BaseException:
-            server.stop()
-            raise
+        return server.launch()
 
     def command(self) -> list[str]:
         server_dir, _ = _pytriton_dist()
@@ -144,9 +138,6 @@ class TritonServer(ManagedProcess):
     @property
     def ready_url(self) -> str:
         return f"{self.http_url}/v2/health/ready"
-
-    def wait_ready(self, timeout: float = 300.0) -> Self:
-        return super().wait_ready(timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,12 +34,10 @@ class GunicornGateway(GatewayProcess):
     def ready_url(self) -> str:
         return f"{self.url}/healthz"
 
-    def start(self, timeout: float = 60.0) -> Self:
-        super().start()
+    def wait_ready(self, timeout: float | None = None) -> Self:
         try:
-            return self.wait_ready(timeout)
-        except StackError as exc:
-            self.stop()
+            return super().wait_ready(timeout)
+        except StackError as exc:  # gunicorn's own words say why
             raise RuntimeError(f"{exc}:\n{self.output()}") from None
 
     def worker_pids(self) -> list[int]:
