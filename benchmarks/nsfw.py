@@ -8,7 +8,8 @@ small demo classifier instead. It is exported by export.nsfw (fp32 + int8, parit
 served by a real Triton, and each variant's per-request compute is read from Triton's own
 statistics (compute_input + compute_infer + compute_output of one request at a time). The
 reference, `pipeline("image-classification")` on the same weights, runs interleaved with the
-Triton requests so that machine noise falls on both sides alike.
+Triton requests so that machine noise falls on both sides alike. Last, benchmarks.ceiling
+measures this CPU's best matrix-product rate and the floor it puts under any variant.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import ceiling
 from benchmarks.report import Timings, print_summary, print_table
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
 from export.demo_models import DEMO_DIR, build_vit_classifier
@@ -74,6 +76,9 @@ def run(runs: int, smoke: bool) -> dict[str, float]:
     from transformers import pipeline
 
     source, onnx_dir = prepare(smoke)
+    # First, while no torch thread pool is awake in this process to compete for the cores.
+    shape = ceiling.VitShape.from_config(source / "config.json")
+    best = ceiling.measure(shape, runs=5 if smoke else 50)
     spec = json.loads((onnx_dir / "nsfw.json").read_text())
     served = spec["variants"][spec["serve"]]["precision"]
     rng = np.random.default_rng(0)
@@ -115,6 +120,8 @@ def run(runs: int, smoke: bool) -> dict[str, float]:
         print(f"parity {info['precision']} ({file}): max |Δ score| = {info['parity_max_abs_diff']:.3g}")
     print(f"served by default: {spec['serve']} ({served})")
     p50 = timings[f"nsfw_{served}"].p50_ms
+    print(ceiling.describe(shape, best))
+    print(f"served {served}: p50 {p50:.1f} ms, {p50 / best.int8_floor_ms:.2f}x the int8 floor")
     return {
         "nsfw_speedup_vs_pipeline": timings["pipeline"].p50_ms / p50,
         "nsfw_p50_ms": p50,

@@ -13,25 +13,32 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = re.compile(r"^(\w+): (-?[0-9.e+]+|inf|nan)$", re.MULTILINE)
 
 
-def run(module: str) -> dict[str, float]:
+def run(module: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", module, "--smoke"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {name: float(value) for name, value in SUMMARY.findall(result.stdout)}
+    return result.stdout
+
+
+def summary(stdout: str) -> dict[str, float]:
+    return {name: float(value) for name, value in SUMMARY.findall(stdout)}
 
 
 @pytest.mark.usefixtures("demo_models")
 def test_nsfw_benchmark_smoke() -> None:
-    figures = run("benchmarks.nsfw")
+    stdout = run("benchmarks.nsfw")
+    figures = summary(stdout)
     assert set(figures) == {"nsfw_speedup_vs_pipeline", "nsfw_p50_ms"}
     assert figures["nsfw_p50_ms"] > 0 and figures["nsfw_speedup_vs_pipeline"] > 0
+    # The CPU's floor is printed beside the figures it bounds.
+    assert re.search(r"floor for the linear layers alone .*: int8 [0-9.]+ ms", stdout), stdout
 
 
 @pytest.mark.usefixtures("demo_models")
 def test_service_benchmark_smoke() -> None:
-    figures = run("benchmarks.service")
+    figures = summary(run("benchmarks.service"))
     assert set(figures) == {
         "added_p50_ms_512x1024", "added_p50_ms_1024x2048", "gateway_overhead_p50_ms",
         "concurrency_ratio",
