@@ -50,6 +50,11 @@ def prepare(smoke: bool) -> tuple[Path, Path]:
     return source, onnx_dir
 
 
+def served_file(onnx_dir: Path) -> Path:
+    """The variant the exporter chose to serve (nsfw.json "serve")."""
+    return onnx_dir / json.loads((onnx_dir / "nsfw.json").read_text())["serve"]
+
+
 def repository(onnx_dir: Path, workdir: Path) -> Path:
     """A repository with one nsfw model per exported file, each pinned to that file."""
     repo = workdir / "repository"
