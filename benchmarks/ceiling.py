@@ -72,7 +72,7 @@ def cpu_flags() -> tuple[str, ...]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return ()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
     present = set(line.partition(":")[2].split())
     return tuple(flag for flag in INT8_FLAGS if flag in present)
 

@@ -8,7 +8,7 @@ small demo classifier instead. It is exported by export.nsfw (fp32 + int8, parit
 served by a real Triton, and each variant's per-request compute is read from Triton's own
 statistics (compute_input + compute_infer + compute_output of one request at a time). The
 reference, `pipeline("image-classification")` on the same weights, runs interleaved with the
-Triton requests so that machine noise falls on both sides alike. Last, benchmarks.ceiling
+Triton requests so that machine noise falls on both sides alike. Before them, benchmarks.ceiling
 measures this CPU's best matrix-product rate and the floor it puts under any variant.
 """
 
