@@ -17,7 +17,9 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.httpserver import BackgroundHTTPServer
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Received:
 
 
 @dataclass
-class FaultServer:
+class FaultServer(BackgroundHTTPServer):
     host: str = "127.0.0.1"
     script: list[Action] = field(default_factory=lambda: [200])
     requests: list[Received] = field(default_factory=list)
@@ -94,13 +96,7 @@ class FaultServer:
 
             do_PUT = do_GET = do_POST = do_HEAD = do_DELETE = _handle
 
-        self._server = ThreadingHTTPServer((self.host, 0), Handler)
-        self._server.daemon_threads = True
-        if self.tls is not None:
-            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._listen(Handler, self.tls)
 
     def _record(self, received: Received) -> Action:
         with self._lock:
@@ -108,18 +104,6 @@ class FaultServer:
             action = self.script[min(self._next, len(self.script) - 1)]
             self._next += 1
             return action
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
-
-    @property
-    def hostport(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def set_script(self, *actions: Action) -> None:
         with self._lock:
@@ -131,14 +115,9 @@ class FaultServer:
         times = [r.at for r in self.requests]
         return [b - a for a, b in itertools.pairwise(times)]
 
-    def start(self) -> FaultServer:
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         self._released.set()  # let hanging handlers go
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
 
 
 class Trap:

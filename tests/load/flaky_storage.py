@@ -17,8 +17,10 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
+
+from tests.httpserver import BackgroundHTTPServer
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Faults:
 
 
 @dataclass
-class FlakyStorage:
+class FlakyStorage(BackgroundHTTPServer):
     upstream: str  # e.g. http://127.0.0.1:9000
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
@@ -99,11 +101,7 @@ class FlakyStorage:
 
             do_PUT = do_GET = do_HEAD = _handle
 
-        self._server = ThreadingHTTPServer((self.host, 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._listen(Handler)
 
     def _draw(self) -> tuple[str, float]:
         f = self.faults
@@ -123,23 +121,3 @@ class FlakyStorage:
                 roll -= share
             self.actions[action] += 1
         return action, delay
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def hostport(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self) -> FlakyStorage:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
