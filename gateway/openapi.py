@@ -3,6 +3,7 @@ requests, so documented limits are the enforced limits (they come from the setti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.deepfake import STATUSES as DEEPFAKE_STATUSES
@@ -93,13 +94,19 @@ def _auth_enabled(settings: Settings) -> bool:
     return bool(settings.api_keys or settings.api_keys_file)
 
 
-def build_openapi(settings: Settings) -> dict[str, Any]:
-    fields = request_fields(settings)
-    request_schema = {
+def _object_schema(fields: Sequence[FieldSpec]) -> dict[str, Any]:
+    """A JSON body of exactly these fields: unknown ones are refused, as the parsers do."""
+    return {
         "type": "object",
         "additionalProperties": False,
         "required": [f.name for f in fields if f.required],
         "properties": {f.name: _field_schema(f) for f in fields},
+    }
+
+
+def build_openapi(settings: Settings) -> dict[str, Any]:
+    request_schema = {
+        **_object_schema(request_fields(settings)),
         "description": (
             f"Unknown fields are refused (400 naming the field). width×height at most "
             f"{settings.max_pixels} pixels. s3_prefix is required when response_format is "
@@ -178,13 +185,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "deepfake_status": deepfake_status,
         },
     }
-    moderate_specs = moderate_fields(settings)
-    moderate_request = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": [f.name for f in moderate_specs if f.required],
-        "properties": {f.name: _field_schema(f) for f in moderate_specs},
-    }
+    moderate_request = _object_schema(moderate_fields(settings))
     moderate_form = {
         "type": "object",
         "additionalProperties": False,
