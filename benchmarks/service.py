@@ -39,6 +39,7 @@ from embedded.process import free_port
 from embedded.s3 import MotoS3Server
 from embedded.stack import GatewayProcess, gateway_environment
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
+from gateway.triton import contract
 
 BUCKET = "bench"
 STEPS = 2
@@ -109,24 +110,13 @@ def local_stack(workdir: Path, nsfw_onnx: Path | None = None) -> Iterator[Stack]
 def direct_call(client: grpcclient.InferenceServerClient, width: int, height: int, scale: int,
                 steps: int = STEPS) -> Callable[[], None]:
     """A `txt2img` call exactly as the gateway makes it, image fetched back to the client."""
-    values = {
-        "PROMPT": (np.array([[b"a quiet harbour at dawn"]], dtype=object), "BYTES"),
-        "NEGATIVE_PROMPT": (np.array([[b""]], dtype=object), "BYTES"),
-        "WIDTH": (np.array([[width]], dtype=np.int32), "INT32"),
-        "HEIGHT": (np.array([[height]], dtype=np.int32), "INT32"),
-        "STEPS": (np.array([[steps]], dtype=np.int32), "INT32"),
-        "SEED": (np.array([[SEED]], dtype=np.int64), "INT64"),
-        "GUIDANCE_SCALE": (np.array([[-1.0]], dtype=np.float32), "FP32"),
-        "SCALE": (np.array([[scale]], dtype=np.int32), "INT32"),
-    }
-    inputs = []
-    for name, (array, dtype) in values.items():
-        item = grpcclient.InferInput(name, list(array.shape), dtype)
-        item.set_data_from_numpy(array)
-        inputs.append(item)
+    inputs = contract.Generation(
+        prompt="a quiet harbour at dawn", width=width, height=height, steps=steps, seed=SEED,
+        scale=scale,
+    ).inputs()
 
     def call() -> None:
-        client.infer("txt2img", inputs).as_numpy("IMAGE")
+        client.infer(contract.Model.TXT2IMG.value, inputs).as_numpy(contract.IMAGE.name)
 
     return call
 
@@ -246,7 +236,8 @@ def run(runs: int, seconds: float, smoke: bool) -> dict[str, float]:
         client = grpcclient.InferenceServerClient(stack.triton.grpc_url)
         session = requests.Session()
         rows = []
-        ensemble = {"direct": "txt2img", "s3+nsfw": "txt2img_nsfw", "b64": "txt2img"}
+        txt2img, txt2img_nsfw = contract.Model.TXT2IMG.value, contract.Model.TXT2IMG_NSFW.value
+        ensemble = {"direct": txt2img, "s3+nsfw": txt2img_nsfw, "b64": txt2img}
         overhead_wall = 0.0
         for scale, label in ((1, f"{width}x{height}"), (2, f"{width * 2}x{height * 2}")):
             timings, outside = paired(

@@ -23,7 +23,8 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.triton import TritonGateway, _nsfw
+from gateway.triton import TritonGateway
+from gateway.triton.contract import read_nsfw
 
 
 class Outputs:
@@ -60,7 +61,8 @@ def outputs(score: float | None, status: bytes | None) -> Outputs:
     ],
 )
 def test_nsfw_fail_safe(score: float | None, status: bytes | None, expected: tuple) -> None:
-    assert _nsfw(outputs(score, status)) == expected  # type: ignore[arg-type]
+    reading = read_nsfw(outputs(score, status))  # type: ignore[arg-type]
+    assert (reading.score, reading.status) == expected
 
 
 @pytest.fixture

@@ -10,19 +10,12 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32",
-          np.dtype(np.uint8): "UINT8", np.dtype(object): "BYTES"}
+from gateway.triton import contract
 
 
 def tensors(**values: Any) -> list[grpcclient.InferInput]:
     """Name=array pairs -> InferInputs; arrays keep their shape and dtype."""
-    inputs = []
-    for name, value in values.items():
-        array = np.asarray(value)
-        infer_input = grpcclient.InferInput(name, list(array.shape), DTYPES[array.dtype])
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
+    return contract.tensors({name: np.asarray(value) for name, value in values.items()})
 
 
 def generation(
@@ -32,22 +25,24 @@ def generation(
     steps: int = 2,
     seed: int = 0,
     negative: str = "",
-    guidance: float = -1.0,
+    guidance: float = contract.MODEL_DEFAULT_GUIDANCE,
     scale: int | None = 1,
 ) -> dict[str, np.ndarray]:
-    """The ensembles' inputs (shape [1, 1] each); scale=None leaves SCALE out (diffusion alone)."""
-    values = {
-        "PROMPT": np.array([[prompt.encode()]], dtype=object),
-        "NEGATIVE_PROMPT": np.array([[negative.encode()]], dtype=object),
-        "WIDTH": np.array([[width]], dtype=np.int32),
-        "HEIGHT": np.array([[height]], dtype=np.int32),
-        "STEPS": np.array([[steps]], dtype=np.int32),
-        "SEED": np.array([[seed]], dtype=np.int64),
-        "GUIDANCE_SCALE": np.array([[guidance]], dtype=np.float32),
-    }
-    if scale is not None:
-        values["SCALE"] = np.array([[scale]], dtype=np.int32)
-    return values
+    """The ensembles' inputs (shape [1, 1] each); scale=None leaves SCALE out (diffusion alone).
+
+    Values go in as given (a negative guidance, seed -1), so tests can send what the gateway
+    never would."""
+    request = contract.Generation(
+        prompt=prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        negative_prompt=negative,
+        seed=seed,
+        guidance_scale=guidance,
+        scale=1 if scale is None else scale,
+    )
+    return request.arrays(upscaler=scale is not None)
 
 
 def metric(metrics_url: str, name: str, **labels: str) -> float:

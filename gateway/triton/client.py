@@ -29,10 +29,10 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.request import GenerateRequest
+from gateway.triton import contract
 
 log = logging.getLogger(__name__)
 
-NSFW_STATUSES = ("ok", "timeout", "error")
 # gRPC retries a lost connection with exponential backoff up to 2 minutes by default; a short
 # cap lets the gateway see a restarted Triton within seconds.
 _CHANNEL_ARGS = [
@@ -113,37 +113,49 @@ class TritonGateway:
 
     def generate(self, req: GenerateRequest, deadline_s: float) -> Generated:
         model = self.nsfw_model if req.enable_nsfw_check else self.model
-        outputs = ["IMAGE", "NSFW_SCORE", "NSFW_STATUS"] if req.enable_nsfw_check else ["IMAGE"]
+        kind = contract.Model.TXT2IMG_NSFW if req.enable_nsfw_check else contract.Model.TXT2IMG
+        generation = contract.Generation(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            width=req.width,
+            height=req.height,
+            steps=req.num_inference_steps,
+            seed=req.seed,
+            guidance_scale=req.guidance_scale,
+            scale=req.scale,
+        )
         result = self._infer(
             model,
-            _inputs(req),
-            outputs,
+            generation.inputs(),
+            [t.name for t in contract.outputs(kind)],
             deadline_s,
             # Triton 2.51 drops the gRPC deadline at the ensemble's first step; the
             # diffusion model reads this parameter instead and stops between steps.
-            parameters={"timeout_ms": max(1, int(deadline_s * 1000))},
+            parameters={contract.TIMEOUT_MS: max(1, int(deadline_s * 1000))},
             # How long it may wait in the diffusion model's queue (the ensemble passes it on).
             queue_timeout_us=self.queue_timeout_us,
         )
-        image = result.as_numpy("IMAGE")
-        expected = (1, req.height * req.scale, req.width * req.scale, 3)
+        image = result.as_numpy(contract.IMAGE.name)
+        expected = generation.image_shape
         if image is None or image.shape != expected or image.dtype != np.uint8:
             shape = None if image is None else image.shape
             raise UpstreamError(f"{model} returned an image of shape {shape}, expected {expected}")
         if not req.enable_nsfw_check:
             return Generated(image)
-        score, status = _nsfw(result)
-        return Generated(image, score, status)
+        reading = contract.read_nsfw(result)
+        return Generated(image, reading.score, reading.status.value)
 
     def classify(self, pixels: np.ndarray, deadline_s: float) -> tuple[float, str]:
         """NSFW score and status of one (H, W, 3) uint8 RGB image, with the same fail-safe as
         in the ensemble (1.0 unless the status is `ok`)."""
-        image = grpcclient.InferInput("IMAGE", [1, *pixels.shape], "UINT8")
-        image.set_data_from_numpy(np.ascontiguousarray(pixels)[None])
         result = self._infer(
-            self.classifier_model, [image], ["NSFW_SCORE", "NSFW_STATUS"], deadline_s
+            self.classifier_model,
+            contract.classify_inputs(pixels),
+            [t.name for t in contract.outputs(contract.Model.CLASSIFIER)],
+            deadline_s,
         )
-        return _nsfw(result)
+        reading = contract.read_nsfw(result)
+        return reading.score, reading.status.value
 
     def _infer(
         self,
@@ -248,49 +260,6 @@ class TritonGateway:
                 if name and sample.value:
                     loaded[name] = labels
         return loaded
-
-
-def _inputs(req: GenerateRequest) -> list[grpcclient.InferInput]:
-    def tensor(name: str, datatype: str, value: np.ndarray) -> grpcclient.InferInput:
-        item = grpcclient.InferInput(name, list(value.shape), datatype)
-        item.set_data_from_numpy(value)
-        return item
-
-    return [
-        tensor("PROMPT", "BYTES", np.array([[req.prompt.encode("utf-8")]], dtype=np.object_)),
-        tensor(
-            "NEGATIVE_PROMPT",
-            "BYTES",
-            np.array([[req.negative_prompt.encode("utf-8")]], dtype=np.object_),
-        ),
-        tensor("WIDTH", "INT32", np.array([[req.width]], dtype=np.int32)),
-        tensor("HEIGHT", "INT32", np.array([[req.height]], dtype=np.int32)),
-        tensor("STEPS", "INT32", np.array([[req.num_inference_steps]], dtype=np.int32)),
-        tensor("SEED", "INT64", np.array([[-1 if req.seed is None else req.seed]], dtype=np.int64)),
-        tensor(
-            "GUIDANCE_SCALE",
-            "FP32",
-            np.array([[-1.0 if req.guidance_scale is None else req.guidance_scale]], dtype=np.float32),
-        ),
-        tensor("SCALE", "INT32", np.array([[req.scale]], dtype=np.int32)),
-    ]
-
-
-def _nsfw(result: grpcclient.InferResult) -> tuple[float, str]:
-    """The score, or the fail-safe 1.0 when the classifier timed out, failed or said nothing."""
-    scores = result.as_numpy("NSFW_SCORE")
-    statuses = result.as_numpy("NSFW_STATUS")
-    status = "error"
-    if statuses is not None and statuses.size:
-        raw = statuses.reshape(-1)[0]
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        status = text if text in NSFW_STATUSES else "error"
-    score: float | None = None
-    if scores is not None and scores.size:
-        score = float(scores.reshape(-1)[0])
-    if status != "ok" or score is None or not (0.0 <= score <= 1.0):
-        return 1.0, "error" if status == "ok" else status
-    return score, status
 
 
 def _outcome(error: GatewayError) -> str:

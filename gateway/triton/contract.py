@@ -1,0 +1,177 @@
+"""The Triton tensor contract: model names, tensor names and datatypes, "not given" sentinels.
+
+Everything that talks to the imagegen models (the gateway, the benchmarks, the tests) builds its
+requests and reads its answers through this module; the models declare the same contract in
+their `config.pbtxt`, and tests/models/test_contract.py checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+
+class Model(str, enum.Enum):
+    DIFFUSION = "diffusion"
+    UPSCALER = "upscaler"
+    CLASSIFIER = "nsfw"
+    # Ensembles: a fixed graph each, so the NSFW check on or off is a choice of ensemble.
+    TXT2IMG = "txt2img"  # diffusion -> upscaler
+    TXT2IMG_NSFW = "txt2img_nsfw"  # diffusion -> upscaler, and diffusion -> nsfw beside it
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str  # Triton's name: BYTES, INT32, INT64, FP32, UINT8
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(triton_to_np_dtype(self.datatype))
+
+    def input(self, value: object) -> grpcclient.InferInput:
+        """An InferInput holding `value`, converted to this tensor's datatype."""
+        array = np.asarray(value, dtype=self.dtype)
+        item = grpcclient.InferInput(self.name, list(array.shape), self.datatype)
+        item.set_data_from_numpy(array)
+        return item
+
+
+PROMPT = Tensor("PROMPT", "BYTES")  # UTF-8
+NEGATIVE_PROMPT = Tensor("NEGATIVE_PROMPT", "BYTES")
+WIDTH = Tensor("WIDTH", "INT32")
+HEIGHT = Tensor("HEIGHT", "INT32")
+STEPS = Tensor("STEPS", "INT32")
+SEED = Tensor("SEED", "INT64")
+GUIDANCE_SCALE = Tensor("GUIDANCE_SCALE", "FP32")
+SCALE = Tensor("SCALE", "INT32")  # the upscaler's factor: 1 (pass-through) or 2
+IMAGE = Tensor("IMAGE", "UINT8")  # [batch, height, width, 3] RGB
+NSFW_SCORE = Tensor("NSFW_SCORE", "FP32")
+NSFW_STATUS = Tensor("NSFW_STATUS", "BYTES")
+
+# Ensembles cannot have optional inputs, so these values stand for "not given" there; on
+# `diffusion` alone the three inputs may also be left out.
+NO_NEGATIVE_PROMPT = ""
+RANDOM_SEED = -1
+MODEL_DEFAULT_GUIDANCE = -1.0  # any negative value: the model's default_guidance_scale
+
+# A request parameter the diffusion model reads: Triton 2.51 does not pass a gRPC deadline on to
+# the first model of an ensemble, but it passes request parameters.
+TIMEOUT_MS = "timeout_ms"
+
+UPSCALE_FACTOR = 2
+
+
+class NsfwStatus(str, enum.Enum):
+    """What the classifier said of its own run (NSFW_STATUS); anything but OK scores 1.0."""
+
+    OK = "ok"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+FAIL_SAFE_SCORE = 1.0
+
+
+class DiffusionParameter(str, enum.Enum):
+    """The diffusion model's limits, as `parameters` keys of its config.pbtxt."""
+
+    MIN_SIZE = "min_size"
+    MAX_SIZE = "max_size"
+    MAX_STEPS = "max_steps"
+    MAX_GUIDANCE_SCALE = "max_guidance_scale"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One text-to-image request in the models' terms; None means "not given"."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    negative_prompt: str = NO_NEGATIVE_PROMPT
+    seed: int | None = None
+    guidance_scale: float | None = None
+    scale: int = 1
+
+    @property
+    def image_shape(self) -> tuple[int, int, int, int]:
+        """The IMAGE an ensemble returns for this request (batch of one)."""
+        return (1, self.height * self.scale, self.width * self.scale, 3)
+
+    def arrays(self, *, upscaler: bool = True) -> dict[str, np.ndarray]:
+        """Tensor name -> a [1, 1] array, sentinels filled in; `upscaler=False` for `diffusion`
+        alone, which takes no SCALE."""
+        values: dict[Tensor, object] = {
+            PROMPT: self.prompt.encode("utf-8"),
+            NEGATIVE_PROMPT: self.negative_prompt.encode("utf-8"),
+            WIDTH: self.width,
+            HEIGHT: self.height,
+            STEPS: self.steps,
+            SEED: RANDOM_SEED if self.seed is None else self.seed,
+            GUIDANCE_SCALE: (
+                MODEL_DEFAULT_GUIDANCE if self.guidance_scale is None else self.guidance_scale
+            ),
+        }
+        if upscaler:
+            values[SCALE] = self.scale
+        return {t.name: np.array([[v]], dtype=t.dtype) for t, v in values.items()}
+
+    def inputs(self, *, upscaler: bool = True) -> list[grpcclient.InferInput]:
+        return tensors(self.arrays(upscaler=upscaler))
+
+
+def tensors(arrays: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """Name -> array pairs as InferInputs, each keeping its array's shape and datatype."""
+    inputs = []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return inputs
+
+
+def outputs(model: Model) -> tuple[Tensor, ...]:
+    """What each model answers with."""
+    if model in (Model.CLASSIFIER,):
+        return (NSFW_SCORE, NSFW_STATUS)
+    if model is Model.TXT2IMG_NSFW:
+        return (IMAGE, NSFW_SCORE, NSFW_STATUS)
+    return (IMAGE,)
+
+
+def classify_inputs(pixels: np.ndarray) -> list[grpcclient.InferInput]:
+    """The classifier's input for one (H, W, 3) uint8 RGB image."""
+    return [IMAGE.input(np.ascontiguousarray(pixels)[None])]
+
+
+@dataclass(frozen=True)
+class NsfwReading:
+    score: float
+    status: NsfwStatus
+
+
+def read_nsfw(result: grpcclient.InferResult) -> NsfwReading:
+    """The score, or the fail-safe 1.0 when the classifier timed out, failed or said nothing."""
+    scores = result.as_numpy(NSFW_SCORE.name)
+    statuses = result.as_numpy(NSFW_STATUS.name)
+    status = NsfwStatus.ERROR
+    if statuses is not None and statuses.size:
+        raw = statuses.reshape(-1)[0]
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        status = NsfwStatus(text) if text in NsfwStatus._value2member_map_ else NsfwStatus.ERROR
+    score: float | None = None
+    if scores is not None and scores.size:
+        score = float(scores.reshape(-1)[0])
+    if status is not NsfwStatus.OK:
+        return NsfwReading(FAIL_SAFE_SCORE, status)
+    if score is None or not 0.0 <= score <= 1.0:
+        return NsfwReading(FAIL_SAFE_SCORE, NsfwStatus.ERROR)
+    return NsfwReading(score, status)
