@@ -13,15 +13,17 @@ from flask import Flask, Response, g, request
 
 from gateway import views
 from gateway.auth import ApiKeys, require_api_key
+from gateway.backpressure import limit_in_flight
 from gateway.deepfake import DeepfakeClient
 from gateway.errors import register_error_handlers
-from gateway.limits import limit_in_flight
+from gateway.limits import LimitsSource
 from gateway.logs import track_request_ids
 from gateway.metrics import Metrics
+from gateway.retry import RetryPolicy
 from gateway.services import Services
 from gateway.settings import Settings
-from gateway.storage import RetryPolicy, Uploader
 from gateway.triton import TritonGateway
+from gateway.upload.uploader import Uploader
 
 
 def create_app(config: Settings | None = None) -> Flask:
@@ -35,21 +37,23 @@ def create_app(config: Settings | None = None) -> Flask:
 
     metrics = Metrics(settings.metrics_dir)
     http = urllib3.PoolManager(num_pools=4, maxsize=settings.threads, retries=False)
+    triton = TritonGateway(
+        settings.triton_url,
+        settings.triton_metrics_url,
+        model=settings.triton_model,
+        nsfw_model=settings.triton_nsfw_model,
+        probe_timeout_s=settings.probe_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        http=http,
+        metrics=metrics,
+        queue_timeout_s=settings.triton_queue_timeout_s,
+    )
     app.extensions["gateway"] = Services(
         settings=settings,
         metrics=metrics,
         http=http,
-        triton=TritonGateway(
-            settings.triton_url,
-            settings.triton_metrics_url,
-            model=settings.triton_model,
-            nsfw_model=settings.triton_nsfw_model,
-            probe_timeout_s=settings.probe_timeout_s,
-            retry_after_s=settings.retry_after_s,
-            http=http,
-            metrics=metrics,
-            queue_timeout_s=settings.triton_queue_timeout_s,
-        ),
+        triton=triton,
+        limits=LimitsSource(settings, triton.model_limits),
         uploader=Uploader(
             policy=RetryPolicy(backoff=settings.upload_backoff),
             timeout_s=settings.upload_timeout_s,

@@ -8,12 +8,39 @@ client whose upload failed still learns the hash, the score and the storage's st
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from gateway.schema import described, to_json
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    code: str = described(
+        "What went wrong, for programs: invalid_request, unauthorized, not_found, "
+        "method_not_allowed, payload_too_large, unsupported_media_type, overloaded, "
+        "upload_failed, upstream_error, unavailable, deadline_exceeded, internal_error."
+    )
+    message: str = described("What went wrong, for people.")
+    field: str | None = described("The request field at fault.", omit_none=True)
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """Every error answer."""
+
+    error: ErrorDetail = described("The error.")
+    # The use case's own data type (S3Data); the OpenAPI document names it.
+    data: Any = described(
+        "With upload_failed only: the data block of the response (hash, score, last storage "
+        "status).",
+        omit_none=True,
+    )
 
 
 class GatewayError(Exception):
@@ -35,13 +62,8 @@ class GatewayError(Exception):
         self.data = data
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            error["field"] = self.field
-        body: dict[str, Any] = {"error": error}
-        if self.data is not None:
-            body["data"] = self.data
-        return body
+        detail = ErrorDetail(self.code, self.message, self.field)
+        return to_json(ErrorBody(detail, self.data))  # type: ignore[no-any-return]
 
 
 class InvalidRequest(GatewayError):
@@ -120,15 +142,10 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
-        response = jsonify(
-            {
-                "error": {
-                    "code": _HTTP_CODES.get(status, f"http_{status}"),
-                    # Werkzeug's descriptions are fixed texts, never echoes of the request.
-                    "message": error.description or error.name,
-                }
-            }
-        )
+        # Werkzeug's descriptions are fixed texts, never echoes of the request.
+        code = _HTTP_CODES.get(status, f"http_{status}")
+        detail = ErrorDetail(code, error.description or error.name, None)
+        response = jsonify(to_json(ErrorBody(detail, None)))
         response.status_code = status
         if status == 405 and error.get_headers():
             allow = dict(error.get_headers()).get("Allow")
@@ -140,6 +157,7 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(error: Exception) -> Response:
         # A bug, not something the client did; details go to the log, not to the client.
         log.exception("unhandled error")
-        response = jsonify({"error": {"code": "internal_error", "message": "internal error"}})
+        detail = ErrorDetail("internal_error", "internal error", None)
+        response = jsonify(to_json(ErrorBody(detail, None)))
         response.status_code = 500
         return response

@@ -8,6 +8,11 @@ several workers the counters go through prometheus_client's multi-process files 
 
 from __future__ import annotations
 
+import enum
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -18,6 +23,11 @@ from prometheus_client import (
     multiprocess,
 )
 
+from gateway.deepfake import DeepfakeAttemptOutcome, DeepfakeStatus
+from gateway.triton.client import TritonOutcome
+from gateway.triton.contract import NsfwStatus
+from gateway.upload.uploader import UploadOutcome, UploadVerdict
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 # Encoding and hashing take milliseconds; the request buckets would put them all in the first.
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, *_LATENCY_BUCKETS)
@@ -25,19 +35,23 @@ _SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 # The fixed vocabularies, created at zero so that the first failure after a restart is a visible
 # increase (Prometheus cannot see the step to a series' first value) and ratios exist at once.
-UPLOAD_OUTCOMES = (
-    "ok", "http_5xx", "http_429", "http_4xx", "redirect", "timeout", "connection_error",
-    "tls_error", "etag_mismatch",
-)
+# Each comes from the enum beside the code that produces it.
+UPLOAD_OUTCOMES = tuple(outcome.value for outcome in UploadOutcome)
 UPLOAD_RESULTS = (
-    ("success", "2xx"),
-    ("failure", "2xx"),  # an ETag that is not the MD5 of the bytes sent
-    ("failure", "3xx"),
-    ("failure", "4xx"),
-    ("failure", "5xx"),
-    ("failure", "none"),  # storage never answered: timeouts, refused connections, TLS errors
+    (UploadVerdict.SUCCESS.value, "2xx"),
+    (UploadVerdict.FAILURE.value, "2xx"),  # an ETag that is not the MD5 of the bytes sent
+    (UploadVerdict.FAILURE.value, "3xx"),
+    (UploadVerdict.FAILURE.value, "4xx"),
+    (UploadVerdict.FAILURE.value, "5xx"),
+    # storage never answered: timeouts, refused connections, TLS errors
+    (UploadVerdict.FAILURE.value, "none"),
 )
-NSFW_OUTCOMES = ("ok", "timeout", "error", "disabled")
+NSFW_DISABLED = "disabled"  # the check was not asked for
+NSFW_OUTCOMES = (*(status.value for status in NsfwStatus), NSFW_DISABLED)
+
+
+def _words(values: Iterable[str]) -> str:
+    return ", ".join(value.value if isinstance(value, enum.Enum) else value for value in values)
 
 
 class Metrics:
@@ -69,15 +83,13 @@ class Metrics:
         )
         self.triton_requests = Counter(
             "gateway_triton_requests",
-            "Triton inference calls, by model and outcome (ok, unavailable, overloaded, "
-            "queue_timeout, deadline, invalid, error).",
+            f"Triton inference calls, by model and outcome ({_words(TritonOutcome)}).",
             ["model", "outcome"],
             registry=self.registry,
         )
         self.upload_attempts = Counter(
             "gateway_upload_attempts",
-            "PUT attempts to storage, by outcome (ok, http_5xx, http_429, http_4xx, redirect, "
-            "timeout, connection_error, tls_error, etag_mismatch).",
+            f"PUT attempts to storage, by outcome ({_words(UPLOAD_OUTCOMES)}).",
             ["outcome"],
             registry=self.registry,
         )
@@ -88,15 +100,15 @@ class Metrics:
         )
         self.uploads = Counter(
             "gateway_uploads",
-            "Uploads after all retries, by result (success, failure) and the class of storage's "
-            "last status (2xx..5xx, none): the upload failure rate.",
+            f"Uploads after all retries, by result ({_words(UploadVerdict)}) and the class of "
+            "storage's last status (2xx..5xx, none): the upload failure rate.",
             ["result", "status_class"],
             registry=self.registry,
         )
         self.nsfw_checks = Counter(
             "gateway_nsfw_checks",
-            "NSFW checks, by status (ok, timeout, error, disabled); timeout and error report "
-            "score 1.0.",
+            f"NSFW checks, by status ({_words(NSFW_OUTCOMES)}); every status but ok and "
+            f"{NSFW_DISABLED} reports score 1.0.",
             ["status"],
             registry=self.registry,
         )
@@ -115,15 +127,14 @@ class Metrics:
         )
         self.deepfake_checks = Counter(
             "gateway_deepfake_checks",
-            "Deepfake checks, by status (ok, no_face, content_filtered, too_large, timeout, "
-            "error); every status but ok and no_face reports score 1.0.",
+            f"Deepfake checks, by status ({_words(DeepfakeStatus)}); every status but ok and "
+            "no_face reports score 1.0.",
             ["status"],
             registry=self.registry,
         )
         self.deepfake_attempts = Counter(
             "gateway_deepfake_api_attempts",
-            "Calls to the deepfake API, by outcome (ok, http_429, http_5xx, http_4xx, redirect, "
-            "pending (NVCF's 202), timeout, connection_error, bad_response).",
+            f"Calls to the deepfake API, by outcome ({_words(DeepfakeAttemptOutcome)}).",
             ["outcome"],
             registry=self.registry,
         )
@@ -142,14 +153,28 @@ class Metrics:
         for status in NSFW_OUTCOMES:
             self.nsfw_checks.labels(status)
 
-    def nsfw_checked(self, status: str | None, score: float | None) -> None:
-        """One /generate's NSFW outcome; `status` None means the check was not asked for."""
+    def nsfw_checked(self, status: NsfwStatus | str | None, score: float | None) -> None:
+        """One NSFW outcome; `status` None means the check was not asked for, and a word the
+        model should not have said counts as an error."""
         if status is None:
-            self.nsfw_checks.labels("disabled").inc()
+            self.nsfw_checks.labels(NSFW_DISABLED).inc()
             return
-        self.nsfw_checks.labels(status if status in ("ok", "timeout") else "error").inc()
-        if status == "ok" and score is not None:
+        try:
+            known = NsfwStatus(status)
+        except ValueError:
+            known = NsfwStatus.ERROR
+        self.nsfw_checks.labels(known.value).inc()
+        if known is NsfwStatus.OK and score is not None:
             self.nsfw_score.observe(score)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage of /generate (gateway_generate_stage_duration_seconds)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_latency.labels(name).observe(time.perf_counter() - started)
 
     def render(self) -> bytes:
         if self._multiprocess_dir:

@@ -7,14 +7,19 @@ so tests build one directly and a bad value fails the process at start, not on t
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 PREFIX = "GATEWAY_"
 
-NamingPolicy = Literal["rewrite", "keep"]
+class NamingPolicy(str, enum.Enum):
+    """What the uploaded object is called: the spec's `{image_hash}.jpg`, or the URL as given."""
+
+    REWRITE = "rewrite"
+    KEEP = "keep"
 
 T = TypeVar("T")
 
@@ -69,10 +74,10 @@ def _parse_headers(raw: str) -> tuple[tuple[str, str], ...]:
 
 
 def _parse_naming(raw: str) -> NamingPolicy:
-    value = raw.strip().lower()
-    if value not in ("rewrite", "keep"):
-        raise ValueError("expected rewrite or keep")
-    return value  # type: ignore[return-value]
+    try:
+        return NamingPolicy(raw.strip().lower())
+    except ValueError:
+        raise ValueError("expected rewrite or keep") from None
 
 
 def _parse_optional_str(raw: str) -> str | None:
@@ -171,12 +176,12 @@ class Settings:
     jpeg_quality: int = _setting(
         "JPEG_QUALITY", int, "JPEG quality of the returned/uploaded image (1-95).", default=90
     )
-    upload_naming: Literal["rewrite", "keep"] = _setting(
+    upload_naming: NamingPolicy = _setting(
         "UPLOAD_NAMING",
         _parse_naming,
         "`rewrite`: the URL's file name becomes `{image_hash}.jpg` (the spec); "
         "`keep`: PUT to the URL exactly as given.",
-        default="rewrite",
+        default=NamingPolicy.REWRITE,
     )
     upload_allowed_hosts: tuple[str, ...] = _setting(
         "UPLOAD_ALLOWED_HOSTS",
@@ -430,6 +435,8 @@ def settings_table() -> list[tuple[str, str, str]]:
 
 
 def _fmt(value: object) -> str:
+    if isinstance(value, enum.Enum):
+        return str(value.value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

@@ -1,5 +1,5 @@
 """Triton: the tensor contract (`contract`) and the gateway's client (`client`)."""
 
-from gateway.triton.client import Generated, Readiness, TritonGateway
+from gateway.triton.client import Generated, TritonGateway, TritonHealth
 
-__all__ = ["Generated", "Readiness", "TritonGateway"]
+__all__ = ["Generated", "TritonGateway", "TritonHealth"]

@@ -1,16 +1,19 @@
-"""The one Triton call per request, its deadline, and the mapping of gRPC failures to HTTP.
+"""The gateway's Triton client: the one call per request, its deadline, the mapping of gRPC
+failures to HTTP, readiness, and the generation model's limits.
 
 NSFW off calls the `txt2img` ensemble, so the classifier never runs; NSFW on calls
 `txt2img_nsfw`, where the classifier runs beside the upscaler and enforces its own 5 s budget.
-`/moderate` calls the classifier (`nsfw`) alone, with the client's image.
+`/moderate` calls the classifier (`nsfw`) alone, with the client's image. Tensor names and
+sentinels come from `gateway.triton.contract`.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -27,9 +30,10 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.metrics import Metrics
-from gateway.request import GenerateRequest
 from gateway.triton import contract
+
+if TYPE_CHECKING:  # metrics imports this module for its label words
+    from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +51,34 @@ _CHANNEL_ARGS = [
 ]
 
 
+class TritonOutcome(str, enum.Enum):
+    """How one Triton call ended (the label of gateway_triton_requests_total)."""
+
+    OK = "ok"
+    UNAVAILABLE = "unavailable"
+    OVERLOADED = "overloaded"  # the queue is full: Triton does not count it as a failure
+    QUEUE_TIMEOUT = "queue_timeout"
+    DEADLINE = "deadline"
+    INVALID = "invalid"
+    ERROR = "error"
+
+
 @dataclass(frozen=True)
 class Generated:
     image: np.ndarray  # (1, H, W, 3) uint8 RGB, as Triton sent it
-    nsfw_score: float | None = None
-    nsfw_status: str | None = None
+    nsfw: contract.NsfwReading | None = None  # None when the ensemble ran no classifier
 
 
-@dataclass
-class Readiness:
+@dataclass(frozen=True)
+class TritonHealth:
+    live: bool
     ready: bool
-    live: bool = False
-    server_ready: bool = False
-    models: dict[str, bool] = field(default_factory=dict)
-    loaded: dict[str, dict[str, str]] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    models: dict[str, bool]  # ensemble -> ready
+    problem: str | None = None  # why Triton could not be asked
 
-    def body(self, triton_url: str) -> dict[str, Any]:
-        return {
-            "status": "ready" if self.ready else "not_ready",
-            "triton": {"url": triton_url, "live": self.live, "ready": self.server_ready},
-            "models": {name: {"ready": ok} for name, ok in self.models.items()},
-            # Per model: kind, source, demo ("true": random demo weights), from Triton's
-            # imagegen_model_info gauge.
-            "loaded": self.loaded,
-            # True when any model runs demo weights (images are noise); null when unknown.
-            "demo": any(i.get("demo") == "true" for i in self.loaded.values()) if self.loaded else None,
-            "problems": self.problems,
-        }
+    @property
+    def all_ready(self) -> bool:
+        return self.live and self.ready and bool(self.models) and all(self.models.values())
 
 
 class TritonGateway:
@@ -111,23 +115,16 @@ class TritonGateway:
     def close(self) -> None:
         self.client.close()
 
-    def generate(self, req: GenerateRequest, deadline_s: float) -> Generated:
-        model = self.nsfw_model if req.enable_nsfw_check else self.model
-        kind = contract.Model.TXT2IMG_NSFW if req.enable_nsfw_check else contract.Model.TXT2IMG
-        generation = contract.Generation(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt,
-            width=req.width,
-            height=req.height,
-            steps=req.num_inference_steps,
-            seed=req.seed,
-            guidance_scale=req.guidance_scale,
-            scale=req.scale,
-        )
+    def generate(
+        self, generation: contract.Generation, *, nsfw: bool, deadline_s: float
+    ) -> Generated:
+        """One image, through `txt2img_nsfw` when `nsfw` else `txt2img`."""
+        kind = contract.Model.TXT2IMG_NSFW if nsfw else contract.Model.TXT2IMG
+        model = self.nsfw_model if nsfw else self.model
         result = self._infer(
             model,
             generation.inputs(),
-            [t.name for t in contract.outputs(kind)],
+            contract.outputs(kind),
             deadline_s,
             # Triton 2.51 drops the gRPC deadline at the ensemble's first step; the
             # diffusion model reads this parameter instead and stops between steps.
@@ -137,31 +134,41 @@ class TritonGateway:
         )
         image = result.as_numpy(contract.IMAGE.name)
         expected = generation.image_shape
-        if image is None or image.shape != expected or image.dtype != np.uint8:
+        if image is None or image.shape != expected or image.dtype != contract.IMAGE.dtype:
             shape = None if image is None else image.shape
             raise UpstreamError(f"{model} returned an image of shape {shape}, expected {expected}")
-        if not req.enable_nsfw_check:
-            return Generated(image)
-        reading = contract.read_nsfw(result)
-        return Generated(image, reading.score, reading.status.value)
+        return Generated(image, contract.read_nsfw(result) if nsfw else None)
 
-    def classify(self, pixels: np.ndarray, deadline_s: float) -> tuple[float, str]:
+    def classify(self, pixels: np.ndarray, deadline_s: float) -> contract.NsfwReading:
         """NSFW score and status of one (H, W, 3) uint8 RGB image, with the same fail-safe as
         in the ensemble (1.0 unless the status is `ok`)."""
         result = self._infer(
             self.classifier_model,
             contract.classify_inputs(pixels),
-            [t.name for t in contract.outputs(contract.Model.CLASSIFIER)],
+            contract.outputs(contract.Model.CLASSIFIER),
             deadline_s,
         )
-        reading = contract.read_nsfw(result)
-        return reading.score, reading.status.value
+        return contract.read_nsfw(result)
+
+    def model_limits(self) -> contract.ModelLimits:
+        """The limits of the generation model behind each ensemble the gateway calls, from
+        Triton's own copy of their configs; raises when Triton cannot say."""
+        timeout = self.probe_timeout_s
+        limits = contract.ModelLimits()
+        for ensemble in (self.model, self.nsfw_model):
+            config = self.client.get_model_config(ensemble, as_json=True, client_timeout=timeout)
+            name = contract.generation_model(config["config"])
+            if name is None:
+                raise ValueError(f"{ensemble} has no step that takes {contract.PROMPT.name}")
+            model = self.client.get_model_config(name, as_json=True, client_timeout=timeout)
+            limits = limits.tighter(contract.ModelLimits.from_config(model["config"]))
+        return limits
 
     def _infer(
         self,
         model: str,
         inputs: list[grpcclient.InferInput],
-        outputs: list[str],
+        outputs: tuple[contract.Tensor, ...],
         deadline_s: float,
         parameters: dict[str, Any] | None = None,
         queue_timeout_us: int | None = None,
@@ -171,7 +178,7 @@ class TritonGateway:
             result = self.client.infer(
                 model,
                 inputs,
-                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
+                outputs=[grpcclient.InferRequestedOutput(t.name) for t in outputs],
                 client_timeout=deadline_s,
                 parameters=parameters,
                 timeout=queue_timeout_us,
@@ -180,12 +187,12 @@ class TritonGateway:
             error = self._map_error(exc, model, time.monotonic() - started, deadline_s)
             self._count(model, _outcome(error))
             raise error from None
-        self._count(model, "ok")
+        self._count(model, TritonOutcome.OK)
         return result
 
-    def _count(self, model: str, outcome: str) -> None:
+    def _count(self, model: str, outcome: TritonOutcome) -> None:
         if self.metrics:
-            self.metrics.triton_requests.labels(model, outcome).inc()
+            self.metrics.triton_requests.labels(model, outcome.value).inc()
 
     def _map_error(
         self, exc: InferenceServerException, model: str, elapsed: float, deadline_s: float
@@ -221,28 +228,20 @@ class TritonGateway:
             )
         return UpstreamError(f"inference failed ({status or 'error'})")
 
-    def readiness(self) -> Readiness:
-        state = Readiness(ready=False)
+    def probe(self) -> TritonHealth:
+        """Is Triton live and ready, and is each ensemble the gateway calls ready?"""
         timeout = self.probe_timeout_s
+        live = ready = False
+        models: dict[str, bool] = {}
+        problem = None
         try:
-            state.live = bool(self.client.is_server_live(client_timeout=timeout))
-            state.server_ready = bool(self.client.is_server_ready(client_timeout=timeout))
+            live = bool(self.client.is_server_live(client_timeout=timeout))
+            ready = bool(self.client.is_server_ready(client_timeout=timeout))
             for name in (self.model, self.nsfw_model):
-                state.models[name] = bool(self.client.is_model_ready(name, client_timeout=timeout))
+                models[name] = bool(self.client.is_model_ready(name, client_timeout=timeout))
         except InferenceServerException as exc:
-            state.problems.append(f"triton at {self.url}: {exc.status() or ''} {exc.message()}".strip())
-        state.ready = state.live and state.server_ready and all(state.models.values()) and bool(
-            state.models
-        )
-        for name, ok in state.models.items():
-            if not ok:
-                state.problems.append(f"model {name} is not ready")
-        try:
-            state.loaded = self.model_info()
-        except (urllib3.exceptions.HTTPError, ValueError, OSError) as exc:
-            # Informational only: readiness is Triton's own answer, not this scrape.
-            state.problems.append(f"cannot read model info from {self.metrics_url}: {type(exc).__name__}")
-        return state
+            problem = f"triton at {self.url}: {exc.status() or ''} {exc.message()}".strip()
+        return TritonHealth(live, ready, models, problem)
 
     def model_info(self) -> dict[str, dict[str, str]]:
         response = self.http.request(
@@ -262,11 +261,11 @@ class TritonGateway:
         return loaded
 
 
-def _outcome(error: GatewayError) -> str:
+def _outcome(error: GatewayError) -> TritonOutcome:
     return {
-        Unavailable: "unavailable",
-        QueueTimeout: "queue_timeout",
-        Overloaded: "overloaded",
-        UpstreamTimeout: "deadline",
-        InvalidRequest: "invalid",
-    }.get(type(error), "error")
+        Unavailable: TritonOutcome.UNAVAILABLE,
+        QueueTimeout: TritonOutcome.QUEUE_TIMEOUT,
+        Overloaded: TritonOutcome.OVERLOADED,
+        UpstreamTimeout: TritonOutcome.DEADLINE,
+        InvalidRequest: TritonOutcome.INVALID,
+    }.get(type(error), TritonOutcome.ERROR)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -140,7 +141,7 @@ def tensors(arrays: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
 
 def outputs(model: Model) -> tuple[Tensor, ...]:
     """What each model answers with."""
-    if model in (Model.CLASSIFIER,):
+    if model is Model.CLASSIFIER:
         return (NSFW_SCORE, NSFW_STATUS)
     if model is Model.TXT2IMG_NSFW:
         return (IMAGE, NSFW_SCORE, NSFW_STATUS)
@@ -175,3 +176,60 @@ def read_nsfw(result: grpcclient.InferResult) -> NsfwReading:
     if score is None or not 0.0 <= score <= 1.0:
         return NsfwReading(FAIL_SAFE_SCORE, NsfwStatus.ERROR)
     return NsfwReading(score, status)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """The limits a generation model declares in its config.pbtxt `parameters` (keys from
+    `DiffusionParameter`); None where it declares none."""
+
+    min_size: int | None = None
+    max_size: int | None = None
+    max_steps: int | None = None
+    max_guidance_scale: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelLimits:
+        """From a model config as Triton serves it (`get_model_config(as_json=True)["config"]`);
+        raises ValueError on a value that is not a number."""
+        raw = {
+            key: value.get("string_value", "")
+            for key, value in config.get("parameters", {}).items()
+        }
+
+        def number(key: DiffusionParameter, kind: type[int | float]) -> Any:
+            text = raw.get(key.value, "").strip()
+            if not text:
+                return None
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f"parameter {key.value}={text!r} is not a number") from None
+
+        return cls(
+            min_size=number(DiffusionParameter.MIN_SIZE, int),
+            max_size=number(DiffusionParameter.MAX_SIZE, int),
+            max_steps=number(DiffusionParameter.MAX_STEPS, int),
+            max_guidance_scale=number(DiffusionParameter.MAX_GUIDANCE_SCALE, float),
+        )
+
+    def tighter(self, other: ModelLimits) -> ModelLimits:
+        """What both models accept (two ensembles may run different generation models)."""
+
+        def pick(a: Any, b: Any, choose: Any) -> Any:
+            return a if b is None else b if a is None else choose(a, b)
+
+        return ModelLimits(
+            min_size=pick(self.min_size, other.min_size, max),
+            max_size=pick(self.max_size, other.max_size, min),
+            max_steps=pick(self.max_steps, other.max_steps, min),
+            max_guidance_scale=pick(self.max_guidance_scale, other.max_guidance_scale, min),
+        )
+
+
+def generation_model(ensemble_config: Mapping[str, Any]) -> str | None:
+    """The model an ensemble hands the PROMPT to (its diffusion step), from its config."""
+    for step in ensemble_config.get("ensemble_scheduling", {}).get("step", []):
+        if PROMPT.name in step.get("input_map", {}):
+            return str(step["model_name"])
+    return None

@@ -15,7 +15,7 @@ import urllib3
 from gateway.deepfake import DEFAULT_POLICY, DeepfakeClient, DeepfakeResult
 from gateway.imaging import encode_jpeg
 from gateway.metrics import Metrics
-from gateway.storage import RetryPolicy
+from gateway.retry import RetryPolicy
 from tests.gateway.fake_nvidia import (
     API_ERROR,
     API_KEY,

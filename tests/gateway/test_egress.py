@@ -18,10 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.egress import pin, refusal, system_resolve
 from gateway.errors import InvalidRequest, Unavailable
-from gateway.storage import RetryPolicy, Uploader
-from gateway.urls import UploadUrl, check_upload_url, rewrite_url
+from gateway.retry import RetryPolicy
+from gateway.upload.egress import pin, refusal, system_resolve
+from gateway.upload.uploader import Uploader
+from gateway.upload.urls import UploadUrl, check_upload_url, rewrite_url
 from tests.gateway.faults import FaultServer, Trap
 
 BODY = b"\xff\xd8\xff" + b"jpeg" * 100
@@ -256,6 +257,6 @@ def test_a_certificate_for_another_name_fails_and_is_not_retried(pki: Pki) -> No
 def test_an_unpinned_target_is_never_connected(fault_server: FaultServer) -> None:
     url = f"{fault_server.url}/b/1.png"
     unpinned = target(url, (f"http://{fault_server.hostport}",))
-    with pytest.raises(ValueError, match="no checked address"):
+    with pytest.raises(TypeError, match="no checked address"):
         Uploader(policy=FAST, timeout_s=2).put(unpinned, BODY, MD5)
     assert fault_server.requests == []

@@ -141,8 +141,8 @@ def test_the_logs_of_full_requests_hold_no_signature_and_no_key(
     for secret in (API_KEY, SIGNATURE, ACCESS_KEY, "Signature=%2B"):
         assert secret not in output, secret
     mine = [line for line in lines if line.get("request_id") == "req-full-1"]
-    assert {line["logger"] for line in mine} >= {"gateway.views", "gateway.storage", "gunicorn.access"}
-    [generated] = [line for line in mine if line["logger"] == "gateway.views"]
+    assert {line["logger"] for line in mine} >= {"gateway.generate", "gateway.upload.uploader", "gunicorn.access"}
+    [generated] = [line for line in mine if line["logger"] == "gateway.generate"]
     assert generated["prompt"].startswith(prompt[:24]) and len(generated["prompt"]) < 40
     accesses = [line for line in lines if line["logger"] == "gunicorn.access"]
     assert [a["status"] for a in accesses if a["path"] == "/generate"] == [200, 401, 400]

@@ -6,8 +6,9 @@ from flask.testing import FlaskClient
 from openapi_spec_validator import validate
 
 from gateway import Settings
+from gateway.generate import request_fields
+from gateway.limits import GenerationLimits
 from gateway.openapi import build_openapi
-from gateway.request import request_fields
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def test_it_is_a_valid_openapi_3_1_document(document: dict) -> None:
 def test_every_request_field_is_described_with_its_default(document: dict) -> None:
     schema = document["components"]["schemas"]["GenerateRequest"]
     properties = schema["properties"]
-    assert list(properties) == [f.name for f in request_fields(Settings())]
+    assert list(properties) == [f.name for f in request_fields(GenerationLimits.from_settings(Settings()))]
     assert schema["additionalProperties"] is False
     assert schema["required"] == ["prompt"]
     defaults = {name: prop.get("default") for name, prop in properties.items()}

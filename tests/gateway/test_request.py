@@ -6,7 +6,8 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequest, UnsupportedMediaType
-from gateway.request import check_inputs, parse_body
+from gateway.fields import parse_body
+from gateway.generate import Inline, UploadTo, check_inputs
 from gateway.settings import Settings
 
 SETTINGS = Settings(upload_allowed_hosts=("storage.test",))
@@ -30,7 +31,7 @@ def test_defaults_are_the_specs() -> None:
     assert req.upscale is True and req.scale == 2
     assert req.enable_nsfw_check is True
     assert (req.negative_prompt, req.seed, req.guidance_scale) == ("", None, None)
-    assert req.s3_target is not None and req.s3_target.host == "storage.test"
+    assert isinstance(req.output, UploadTo) and req.output.url.host == "storage.test"
 
 
 def test_the_specs_example_with_string_booleans() -> None:
@@ -134,7 +135,7 @@ def test_s3_prefix_is_required_for_s3_and_refused_otherwise() -> None:
     assert field_error({"prompt": "p"})[0] == "s3_prefix"
     assert field_error(body(response_format="b64_json"))[0] == "s3_prefix"
     req = check_inputs({"prompt": "p", "response_format": "b64_json"}, SETTINGS)
-    assert req.s3_target is None and req.s3_prefix is None
+    assert isinstance(req.output, Inline)
 
 
 def test_s3_prefix_host_must_be_allowed() -> None:

@@ -7,10 +7,11 @@ import logging
 
 import pytest
 
-from gateway.egress import pin
 from gateway.metrics import Metrics
-from gateway.storage import RetryPolicy, Uploader
-from gateway.urls import UploadUrl, check_upload_url, parse_upload_url, rewrite_url
+from gateway.retry import RetryPolicy
+from gateway.upload.egress import pin
+from gateway.upload.uploader import Uploader
+from gateway.upload.urls import UploadUrl, check_upload_url, parse_upload_url, rewrite_url
 from tests.gateway.faults import CLOSE, HANG, FaultServer, Respond
 
 BODY = b"\xff\xd8\xff" + bytes(range(256)) * 40

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.urls import check_upload_url, host_allowed, parse_upload_url, rewrite_url
+from gateway.upload.urls import check_upload_url, host_allowed, parse_upload_url, rewrite_url
 
 HASH = "d41d8cd98f00b204e9800998ecf8427e"
 SPEC_QUERY = "?AWSAccessKeyId=AKIAQE43KJDN7ARTLAVM&Signature=%2ByiRa6eTIiuPtE3wGWzFzmS3snA%3D&Expires=1756921542"
@@ -100,7 +100,7 @@ def test_bad_urls_are_400_naming_s3_prefix(url: str) -> None:
         ("https://sekai.chat/1.png", ("*.sekai.chat",), None),
         ("https://a.sekai.chat/1.png", ("*.sekai.chat", "a.sekai.chat"), "exact"),  # exact wins
         ("https://10.0.0.8/1.png", ("*.0.0.8",), None),  # suffixes match names, not addresses
-        # A wildcard matches loopback names too; gateway.egress then refuses their addresses.
+        # A wildcard matches loopback names too; gateway.upload.egress then refuses their addresses.
         ("https://localhost/1.png", ("*",), "wildcard"),
         ("http://localhost/1.png", ("*",), None),
         ("http://localhost:8000/1.png", ("http://*:8000",), "wildcard"),

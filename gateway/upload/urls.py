@@ -3,7 +3,7 @@
 Everything works on the URL *string*: the presigned query string is sliced out and put back
 unchanged, never parsed and re-encoded, because a signature covers its exact bytes
 (`%2B` must stay `%2B`, parameter order must stay as it is). Nothing here touches the network:
-the host's addresses are resolved and checked once, later, by `gateway.egress`.
+the host's addresses are resolved and checked once, later, by `gateway.upload.egress`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
+
+from typing_extensions import Self
 
 from gateway.errors import InvalidRequest
+from gateway.settings import NamingPolicy
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+U = TypeVar("U", bound="UploadUrl")
 # RFC 3986 characters only: anything else would be re-encoded (or refused) by some HTTP layer,
 # and the query string must reach the storage exactly as the client sent it.
 _URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
@@ -29,7 +33,13 @@ _NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
 
 @dataclass(frozen=True)
 class UploadUrl:
-    """A validated http(s) URL, kept as the exact pieces of the string the client sent."""
+    """A parsed http(s) URL, kept as the exact pieces of the string the client sent.
+
+    Three stages, each a subtype of the one before, so a function says which it needs:
+    `UploadUrl` (the shape is right), `AllowedUrl` (the allowlist lets it through) and
+    `gateway.upload.egress.PinnedUrl` (its host resolved once, every address checked), the only
+    kind the uploader takes.
+    """
 
     scheme: str
     authority: str
@@ -37,11 +47,6 @@ class UploadUrl:
     rest: str  # "?query" and/or "#fragment", verbatim
     host: str  # lower case, IPv6 without brackets
     port: int
-    # Set by check_upload_url: the allowlist names this host exactly, so it may have loopback or
-    # private addresses (wildcard matches may not).
-    exact: bool = False
-    # Set by gateway.egress: the checked addresses, the only ones the upload connects to.
-    addresses: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -67,9 +72,19 @@ class UploadUrl:
         """The URL without its query string: safe for logs (the query holds the signature)."""
         return f"{self.scheme}://{self.authority}{self.path}"
 
-    def with_filename(self, filename: str) -> UploadUrl:
+    def with_filename(self, filename: str) -> Self:
+        """The same URL (and stage) with another last path segment."""
         directory = self.path.rsplit("/", 1)[0]
         return replace(self, path=f"{directory}/{filename}")
+
+
+@dataclass(frozen=True)
+class AllowedUrl(UploadUrl):
+    """An `UploadUrl` that `GATEWAY_UPLOAD_ALLOWED_HOSTS` lets through."""
+
+    # The allowlist names this host exactly, so it may have loopback or private addresses
+    # (wildcard matches may not).
+    exact: bool
 
 
 def parse_upload_url(url: str, *, field: str = "s3_prefix") -> UploadUrl:
@@ -108,10 +123,10 @@ def parse_upload_url(url: str, *, field: str = "s3_prefix") -> UploadUrl:
 
 def check_upload_url(
     url: str, allowed_hosts: Iterable[str], *, field: str = "s3_prefix"
-) -> UploadUrl:
+) -> AllowedUrl:
     """Parse `url` and refuse it unless the allowlist lets this scheme reach this host and port.
 
-    No connection and no DNS lookup happen here; `gateway.egress` resolves the host once and
+    No connection and no DNS lookup happen here; `gateway.upload.egress` resolves the host once and
     checks its addresses before anything is sent.
     """
     target = parse_upload_url(url, field=field)
@@ -125,7 +140,7 @@ def check_upload_url(
                 f"points to a host the gateway may not upload to ({target.host}:{target.port})"
             )
         raise InvalidRequest(f"{field} {reason}; see GATEWAY_UPLOAD_ALLOWED_HOSTS", field=field)
-    return replace(target, exact=permit == "exact")
+    return AllowedUrl(**vars(target), exact=permit == "exact")
 
 
 def host_allowed(
@@ -159,9 +174,9 @@ def host_allowed(
     return found
 
 
-def rewrite_url(target: UploadUrl, image_hash: str, naming: str) -> UploadUrl:
+def rewrite_url(target: U, image_hash: str, naming: NamingPolicy) -> U:
     """`rewrite` (the spec): the last path segment becomes `{image_hash}.jpg`; `keep`: as sent."""
-    if naming == "keep":
+    if naming == NamingPolicy.KEEP:
         return target
     return target.with_filename(f"{image_hash}.jpg")
 

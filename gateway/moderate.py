@@ -1,21 +1,36 @@
-"""The /moderate request: an existing image, base64 in a JSON body or a file part of a multipart
-form, checked (bytes, format, pixels) and decoded before anything leaves the gateway."""
+"""The /moderate use case: score an existing image with the NSFW model and, when asked, NVIDIA's
+deepfake detection.
+
+    req = check_moderate_json(raw, content_type, settings)   # or check_moderate_form(...)
+    result = moderate(services, req)                          # ModerateResult
+
+The image comes base64 in a JSON body or as a file part of a multipart form, and is checked
+(bytes, format, pixels) and decoded before anything leaves the gateway."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 
 from werkzeug.datastructures import FileStorage, MultiDict
 
+from gateway import deepfake
+from gateway.deepfake import DeepfakeStatus, deepfake_unavailable
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.fields import FieldSpec, check_fields, parse_body
 from gateway.imaging import DecodedImage, ImageRejected, decode_image, encode_jpeg
-from gateway.request import FieldSpec, check_deepfake_configured, check_fields, parse_body
+from gateway.schema import described
+from gateway.services import Services
 from gateway.settings import Settings
+from gateway.triton.contract import NsfwStatus
+
+log = logging.getLogger(__name__)
 
 _DATA_URL = re.compile(r"data:[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 # The deepfake API takes JPEG and PNG; WebP is re-encoded as JPEG. Not as PNG: a lossless copy
@@ -106,8 +121,8 @@ def _checked(data: bytes, enable_deepfake_check: bool, settings: Settings) -> Mo
         raise PayloadTooLarge(
             f"image is larger than {settings.moderate_max_bytes} bytes", field="image"
         )
-    if enable_deepfake_check:
-        check_deepfake_configured(settings)
+    if enable_deepfake_check and settings.nvidia_api_key is None:
+        raise deepfake_unavailable()
     try:
         image = decode_image(data, settings.moderate_max_pixels)
     except ImageRejected as exc:
@@ -124,3 +139,59 @@ def _b64decode(text: str) -> bytes:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest("image is not valid base64", field="image") from None
+
+
+@dataclass(frozen=True)
+class ModerateData:
+    """The scores of one image."""
+
+    image_hash: str = described("MD5 (hex) of the image as received.", pattern="^[0-9a-f]{32}$")
+    nsfw_score: float = described(
+        "Probability of the label nsfw; 1.0 when the classifier timed out (5 s budget) or "
+        "failed.",
+        minimum=0,
+        maximum=1,
+    )
+    nsfw_status: NsfwStatus = described("The NSFW model's status.")
+    deepfake_score: float | None = described(
+        deepfake.SCORE_DOC, omit_none=True, minimum=0, maximum=1
+    )
+    deepfake_status: DeepfakeStatus | None = described(deepfake.STATUS_DOC, omit_none=True)
+
+
+@dataclass(frozen=True)
+class ModerateResult:
+    data: ModerateData
+
+
+def moderate(services: Services, req: ModerateRequest) -> ModerateResult:
+    """Score one image: the deepfake check (when asked) runs while the classifier does."""
+    metrics, settings = services.metrics, services.settings
+    # 1. Start the deepfake check on the bytes as received (WebP re-encoded as JPEG).
+    pending = (
+        services.require_deepfake().start(*req.api_image()) if req.enable_deepfake_check else None
+    )
+    # 2. The NSFW classifier alone, with the same fail-safe as inside the ensemble.
+    started = time.perf_counter()
+    nsfw = services.triton.classify(req.image.pixels, settings.triton_deadline_s)
+    metrics.moderation_latency.labels("nsfw").observe(time.perf_counter() - started)
+    metrics.nsfw_checked(nsfw.status, None)
+    # 3. Wait for the deepfake check, no longer than its budget.
+    checked = pending.result() if pending is not None else None
+    data = ModerateData(
+        image_hash=req.md5,
+        nsfw_score=nsfw.score,
+        nsfw_status=nsfw.status,
+        deepfake_score=checked.score if checked else None,
+        deepfake_status=checked.status if checked else None,
+    )
+    log.info(
+        "moderated %s %dx%d nsfw=%s deepfake=%s hash=%s",
+        req.image.format,
+        req.image.width,
+        req.image.height,
+        nsfw.status.value,
+        checked.status.value if checked else "off",
+        data.image_hash,
+    )
+    return ModerateResult(data)

@@ -1,6 +1,8 @@
-"""The /generate request: its fields (one table, also the source of the OpenAPI schema),
-body parsing and `check_inputs`, which either returns a typed request or raises an
-`InvalidRequest` naming the first field at fault.
+"""Strict JSON request bodies checked against a table of fields.
+
+Each endpoint declares its fields once (`FieldSpec`s: kind, default, range, description); the
+same table validates the body here and describes it in the OpenAPI document. `check_fields`
+either returns the coerced values or raises an `InvalidRequest` naming the first field at fault.
 """
 
 from __future__ import annotations
@@ -9,22 +11,16 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from gateway.errors import InvalidRequest, UnsupportedMediaType
-from gateway.settings import Settings
-from gateway.urls import UploadUrl, check_upload_url
-
-ResponseFormat = Literal["s3", "b64_json"]
 
 _NO_DEFAULT = object()
 # Bounded before int() so a megabyte of digits costs nothing; 18 digits stay inside INT64.
 _DIGITS = re.compile(r"[0-9]{1,18}", re.ASCII)
 _DECIMAL = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?", re.ASCII)
-_MAX_URL_CHARS = 8192
-_MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -45,92 +41,53 @@ class FieldSpec:
         return self.default is not _NO_DEFAULT
 
 
-def request_fields(settings: Settings) -> tuple[FieldSpec, ...]:
-    """The request fields in the order they are checked; limits come from the settings."""
-    return (
-        FieldSpec(
-            "prompt", "string", "Positive prompt.", required=True,
-            max_length=settings.max_prompt_chars,
-        ),
-        FieldSpec(
-            "negative_prompt", "string",
-            "Negative prompt (the spec's open question); empty or absent means none.",
-            default="", max_length=settings.max_prompt_chars,
-        ),
-        FieldSpec(
-            "width", "integer",
-            "Generated width in pixels (before upscaling). JSON integer or digit string.",
-            default=512, minimum=settings.min_size, maximum=settings.max_size, multiple_of=8,
-        ),
-        FieldSpec(
-            "height", "integer",
-            "Generated height in pixels (before upscaling). JSON integer or digit string.",
-            default=1024, minimum=settings.min_size, maximum=settings.max_size, multiple_of=8,
-        ),
-        FieldSpec(
-            "num_inference_steps", "integer", "Denoising steps. JSON integer or digit string.",
-            default=15, minimum=1, maximum=settings.max_steps,
-        ),
-        FieldSpec(
-            "response_format", "enum",
-            '"s3": PUT the JPEG to `s3_prefix` and return its URL; '
-            '"b64_json": return the JPEG inline, base64-encoded, and upload nothing.',
-            default="s3", enum=("s3", "b64_json"),
-        ),
-        FieldSpec(
-            "upscale", "boolean",
-            'Return a 2× image. JSON boolean or "true"/"false" (any case).', default=True,
-        ),
-        FieldSpec(
-            "s3_prefix", "string",
-            "Complete presigned http(s) PUT URL; required when response_format is \"s3\" and "
-            "not allowed otherwise. Its file name (e.g. `1.png`) is a placeholder replaced by "
-            "`{image_hash}.jpg`; everything else is kept byte for byte.",
-            max_length=_MAX_URL_CHARS,
-        ),
-        FieldSpec(
-            "enable_nsfw_check", "boolean",
-            'Score the image with the NSFW classifier. JSON boolean or "true"/"false".',
-            default=True,
-        ),
-        FieldSpec(
-            "enable_deepfake_check", "boolean",
-            "Also send the JPEG to NVIDIA's deepfake detection, concurrently with the upload; "
-            "refused when the gateway has no API key. JSON boolean or \"true\"/\"false\".",
-            default=False,
-        ),
-        FieldSpec(
-            "seed", "integer", "Random seed; absent means random. JSON integer or digit string.",
-            minimum=0, maximum=_MAX_SEED,
-        ),
-        FieldSpec(
-            "guidance_scale", "number",
-            "Classifier-free guidance scale; absent means the model's default.",
-            minimum=0, maximum=settings.max_guidance_scale,
-        ),
-    )
+def _variants(spec: FieldSpec) -> list[dict[str, Any]]:
+    if spec.kind == "string":
+        string: dict[str, Any] = {"type": "string"}
+        if spec.max_length is not None:
+            string["maxLength"] = spec.max_length
+        if spec.required:
+            string["minLength"] = 1
+        return [string]
+    if spec.kind == "enum":
+        return [{"type": "string", "enum": list(spec.enum)}]
+    if spec.kind == "boolean":
+        return [
+            {"type": "boolean"},
+            {"type": "string", "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee])$"},
+        ]
+    number: dict[str, Any] = {"type": "integer" if spec.kind == "integer" else "number"}
+    if spec.minimum is not None:
+        number["minimum"] = spec.minimum
+    if spec.maximum is not None:
+        number["maximum"] = spec.maximum
+    if spec.multiple_of:
+        number["multipleOf"] = spec.multiple_of
+    # Strings are range-checked too, after conversion; JSON Schema cannot say so.
+    pattern = "^[0-9]{1,18}$" if spec.kind == "integer" else r"^[0-9]{1,6}(\.[0-9]{1,6})?$"
+    return [number, {"type": "string", "pattern": pattern}]
 
 
-@dataclass(frozen=True)
-class GenerateRequest:
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    num_inference_steps: int
-    response_format: ResponseFormat
-    upscale: bool
-    s3_prefix: str | None
-    enable_nsfw_check: bool
-    enable_deepfake_check: bool
-    seed: int | None
-    guidance_scale: float | None
-    # s3_prefix, parsed and checked against the allowlist; None unless response_format is s3.
-    s3_target: UploadUrl | None = None
+def field_schema(spec: FieldSpec) -> dict[str, Any]:
+    """The JSON Schema of what `check_fields` accepts for this field."""
+    variants = _variants(spec)
+    if not spec.required:
+        variants.append({"type": "null"})  # null means "not given", like leaving it out
+    schema: dict[str, Any] = {"anyOf": variants} if len(variants) > 1 else dict(variants[0])
+    schema["description"] = spec.description
+    if spec.has_default:
+        schema["default"] = spec.default
+    return schema
 
-    @property
-    def scale(self) -> int:
-        return 2 if self.upscale else 1
+
+def object_schema(fields: Sequence[FieldSpec]) -> dict[str, Any]:
+    """A JSON body of exactly these fields: unknown ones are refused, as the parsers do."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [f.name for f in fields if f.required],
+        "properties": {f.name: field_schema(f) for f in fields},
+    }
 
 
 def parse_body(raw: bytes, content_type: str | None) -> Any:
@@ -205,43 +162,6 @@ def check_fields(payload: Any, fields: tuple[FieldSpec, ...]) -> dict[str, Any]:
             continue
         values[spec.name] = _COERCE[spec.kind](spec, raw)
     return values
-
-
-def check_inputs(payload: Any, settings: Settings) -> GenerateRequest:
-    """Validate a decoded body against the contract; raises `InvalidRequest` naming the field."""
-    values = check_fields(payload, request_fields(settings))
-    if values["width"] * values["height"] > settings.max_pixels:
-        raise InvalidRequest(
-            f"width×height is {values['width'] * values['height']} pixels; "
-            f"the limit is {settings.max_pixels}",
-            field="width",
-        )
-    if not values["prompt"].strip():
-        raise InvalidRequest("prompt must not be empty", field="prompt")
-    if values["enable_deepfake_check"]:
-        check_deepfake_configured(settings)
-    if values["response_format"] == "s3":
-        if values["s3_prefix"] is None:
-            raise InvalidRequest('s3_prefix is required when response_format is "s3"', field="s3_prefix")
-        values["s3_target"] = check_upload_url(
-            values["s3_prefix"], settings.upload_allowed_hosts, field="s3_prefix"
-        )
-    elif values["s3_prefix"] is not None:
-        # Silently dropping it would leave the client waiting for an object that never comes.
-        raise InvalidRequest(
-            f's3_prefix is only used with response_format "s3", not {values["response_format"]!r}',
-            field="s3_prefix",
-        )
-    return GenerateRequest(**values)
-
-
-def check_deepfake_configured(settings: Settings) -> None:
-    if settings.nvidia_api_key is None:
-        raise InvalidRequest(
-            "enable_deepfake_check is not available: this gateway has no NVIDIA API key "
-            "(GATEWAY_NVIDIA_API_KEY)",
-            field="enable_deepfake_check",
-        )
 
 
 def _coerce_string(spec: FieldSpec, raw: Any) -> str:

@@ -2,27 +2,31 @@
 
 Each attempt opens its own connection and writes the request line itself: urllib3's pools
 re-encode the target (upper-casing `%2b`, for one) and a signature covers the exact bytes.
-The connection goes to an address `gateway.egress` checked, never to a fresh DNS answer, while the
-Host header, TLS SNI and certificate check stay bound to the URL's host name. Redirects are never
-followed (the allowlist vetted this host, not the one a 3xx names).
+The connection goes to an address `gateway.upload.egress` checked, never to a fresh DNS answer,
+while the Host header, TLS SNI and certificate check stay bound to the URL's host name. Redirects
+are never followed (the allowlist vetted this host, not the one a 3xx names).
 """
 
 from __future__ import annotations
 
+import enum
 import http.client
 import logging
 import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import tenacity
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-from gateway.metrics import Metrics
-from gateway.urls import UploadUrl
+from gateway.retry import RetryPolicy
+from gateway.upload.egress import PinnedUrl
+
+if TYPE_CHECKING:  # metrics imports this module for its label words
+    from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,54 +36,48 @@ _S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 _MAX_ERROR_BODY = 4096
 
 
+class UploadOutcome(str, enum.Enum):
+    """How one PUT attempt ended (the label of gateway_upload_attempts_total)."""
+
+    OK = "ok"
+    HTTP_5XX = "http_5xx"
+    HTTP_429 = "http_429"
+    HTTP_4XX = "http_4xx"
+    REDIRECT = "redirect"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    TLS_ERROR = "tls_error"
+    ETAG_MISMATCH = "etag_mismatch"  # a 2xx whose ETag is an MD5, but not the bytes' MD5
+
+
+class UploadVerdict(str, enum.Enum):
+    """An upload after all its attempts (the `result` label of gateway_uploads_total)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
 @dataclass(frozen=True)
 class Attempt:
     number: int
-    outcome: str  # ok, http_5xx, http_429, http_4xx, redirect, timeout, connection_error, ...
+    outcome: UploadOutcome
     status: int | None = None
     error_code: str | None = None  # S3's <Code>, e.g. SignatureDoesNotMatch
     retryable: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "ok"
+        return self.outcome is UploadOutcome.OK
 
     def describe(self) -> str:
         if self.status is None:
-            return self.outcome.replace("_", " ")
+            return self.outcome.value.replace("_", " ")
         text = f"HTTP {self.status}"
         if self.error_code:
             text += f" {self.error_code}"
-        if self.outcome == "etag_mismatch":
+        if self.outcome is UploadOutcome.ETAG_MISMATCH:
             text += " with an ETag that is not the MD5 of the bytes sent"
         return text
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """When a failed PUT is tried again, and after how long: the spec's 1 s, 2 s, 4 s."""
-
-    backoff: tuple[float, ...] = (1.0, 2.0, 4.0)
-    retry_statuses: frozenset[int] = field(
-        default_factory=lambda: frozenset({429, *range(500, 600)})
-    )
-
-    @property
-    def max_attempts(self) -> int:
-        return len(self.backoff) + 1
-
-    def delay_after(self, attempt_number: int) -> float:
-        return self.backoff[min(attempt_number, len(self.backoff)) - 1] if self.backoff else 0.0
-
-    def retrying(self, sleep: Callable[[float], None] = time.sleep) -> tenacity.Retrying:
-        return tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.max_attempts),
-            wait=lambda state: self.delay_after(state.attempt_number),
-            retry=tenacity.retry_if_result(lambda attempt: attempt.retryable),
-            # Out of attempts: hand back the last attempt instead of raising RetryError.
-            retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
-            sleep=sleep,
-        )
 
 
 @dataclass(frozen=True)
@@ -95,6 +93,10 @@ class UploadResult:
         """The last HTTP status storage answered with; None when no response ever came."""
         statuses = [a.status for a in self.attempts if a.status is not None]
         return statuses[-1] if statuses else None
+
+    @property
+    def verdict(self) -> UploadVerdict:
+        return UploadVerdict.SUCCESS if self.ok else UploadVerdict.FAILURE
 
     @property
     def status_class(self) -> str:
@@ -126,14 +128,16 @@ class Uploader:
         self.metrics = metrics
         self._sleep = sleep
 
-    def put(self, target: UploadUrl, body: bytes, md5_hex: str) -> UploadResult:
+    def put(self, target: PinnedUrl, body: bytes, md5_hex: str) -> UploadResult:
+        if not isinstance(target, PinnedUrl):  # a caller past the type checker connects nowhere
+            raise TypeError("the upload target has no checked address: pin() it first")
         attempts: list[Attempt] = []
 
         def attempt() -> Attempt:
             result = self._attempt(target, body, md5_hex, len(attempts) + 1)
             attempts.append(result)
             if self.metrics:
-                self.metrics.upload_attempts.labels(result.outcome).inc()
+                self.metrics.upload_attempts.labels(result.outcome.value).inc()
                 if result.number > 1:
                     self.metrics.upload_retries.inc()
             if not result.ok:
@@ -150,15 +154,13 @@ class Uploader:
                 )
             return result
 
-        self.policy.retrying(self._sleep)(attempt)
+        self.policy.retrying(lambda attempt: attempt.retryable, self._sleep)(attempt)
         outcome = UploadResult(tuple(attempts))
         if self.metrics:
-            self.metrics.uploads.labels(
-                "success" if outcome.ok else "failure", outcome.status_class
-            ).inc()
+            self.metrics.uploads.labels(outcome.verdict.value, outcome.status_class).inc()
         return outcome
 
-    def _connection(self, target: UploadUrl, address: str) -> HTTPConnection:
+    def _connection(self, target: PinnedUrl, address: str) -> HTTPConnection:
         if target.scheme.lower() == "https":
             return HTTPSConnection(
                 address,
@@ -171,24 +173,29 @@ class Uploader:
             )
         return HTTPConnection(address, target.port, timeout=self.timeout_s)
 
-    def _connect(self, target: UploadUrl) -> HTTPConnection:
+    def _connect(self, target: PinnedUrl) -> HTTPConnection:
         """A connection to the first checked address that takes one, in the resolver's order."""
-        for number, address in enumerate(target.addresses, start=1):
+        *others, last = target.addresses  # a PinnedUrl has at least one
+        for address in others:
             conn = self._connection(target, address)
             try:
                 conn.connect()
             except urllib3.exceptions.ConnectTimeoutError:  # refused, unreachable or timed out
                 conn.close()
-                if number == len(target.addresses):
-                    raise
+                continue
             except BaseException:
                 conn.close()
                 raise
-            else:
-                return conn
-        raise ValueError("the upload target has no checked address (see gateway.egress.pin)")
+            return conn
+        conn = self._connection(target, last)
+        try:
+            conn.connect()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
-    def _attempt(self, target: UploadUrl, body: bytes, md5_hex: str, number: int) -> Attempt:
+    def _attempt(self, target: PinnedUrl, body: bytes, md5_hex: str, number: int) -> Attempt:
         conn: HTTPConnection | None = None
         try:
             conn = self._connect(target)
@@ -206,13 +213,13 @@ class Uploader:
             head = response.read(_MAX_ERROR_BODY) if status >= 300 else b""
             etag = response.headers.get("ETag")
         except ssl.SSLCertVerificationError:
-            return Attempt(number, "tls_error")
+            return Attempt(number, UploadOutcome.TLS_ERROR)
         except (TimeoutError, urllib3.exceptions.TimeoutError) as exc:
             if isinstance(exc, urllib3.exceptions.NewConnectionError):
-                return Attempt(number, "connection_error", retryable=True)
-            return Attempt(number, "timeout", retryable=True)
+                return Attempt(number, UploadOutcome.CONNECTION_ERROR, retryable=True)
+            return Attempt(number, UploadOutcome.TIMEOUT, retryable=True)
         except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError):
-            return Attempt(number, "connection_error", retryable=True)
+            return Attempt(number, UploadOutcome.CONNECTION_ERROR, retryable=True)
         finally:
             if conn is not None:
                 conn.close()
@@ -222,11 +229,16 @@ class Uploader:
         if 200 <= status < 300:
             etag_md5 = _MD5_ETAG.fullmatch(etag.strip()) if etag else None
             if etag_md5 and etag_md5.group(1).lower() != md5_hex:
-                return Attempt(number, "etag_mismatch", status, retryable=True)
-            return Attempt(number, "ok", status)
+                return Attempt(number, UploadOutcome.ETAG_MISMATCH, status, retryable=True)
+            return Attempt(number, UploadOutcome.OK, status)
         if 300 <= status < 400:
-            return Attempt(number, "redirect", status, error_code)
+            return Attempt(number, UploadOutcome.REDIRECT, status, error_code)
         if status in self.policy.retry_statuses:
-            outcome = "http_429" if status == 429 else "http_5xx" if status >= 500 else "http_4xx"
-            return Attempt(number, outcome, status, error_code, retryable=True)
-        return Attempt(number, "http_5xx" if status >= 500 else "http_4xx", status, error_code)
+            return Attempt(number, _status_outcome(status), status, error_code, retryable=True)
+        return Attempt(number, _status_outcome(status), status, error_code)
+
+
+def _status_outcome(status: int) -> UploadOutcome:
+    if status == 429:
+        return UploadOutcome.HTTP_429
+    return UploadOutcome.HTTP_5XX if status >= 500 else UploadOutcome.HTTP_4XX

@@ -12,13 +12,25 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 
 from gateway.errors import InvalidRequest, Unavailable
-from gateway.urls import UploadUrl
+from gateway.upload.urls import AllowedUrl
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolve = Callable[[str, int], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class PinnedUrl(AllowedUrl):
+    """An allowed URL whose host was resolved once and every address checked: the uploader
+    connects to these addresses, in this order, and to nothing else."""
+
+    addresses: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise ValueError("a pinned upload URL needs at least one checked address")
 
 
 def system_resolve(host: str, port: int) -> list[str]:
@@ -46,12 +58,12 @@ def refusal(address: IPAddress, *, exact: bool) -> str | None:
 
 
 def pin(
-    target: UploadUrl,
+    target: AllowedUrl,
     *,
     resolve: Resolve = system_resolve,
     field: str = "s3_prefix",
     retry_after_s: int = 5,
-) -> UploadUrl:
+) -> PinnedUrl:
     """Resolve `target`'s host once; refuse it (400 naming `field`) unless every address passes.
 
     A resolver that cannot answer right now (EAI_AGAIN) is a 503: the same request may pass later.
@@ -82,7 +94,7 @@ def pin(
                 f"to{hint}",
                 field=field,
             )
-    return replace(target, addresses=tuple(addresses))
+    return PinnedUrl(**vars(target), addresses=tuple(addresses))
 
 
 def _address(text: str) -> IPAddress:

@@ -1,0 +1,87 @@
+"""GET /readyz: is this gateway ready to serve /generate, and with what.
+
+Ready means Triton is live and ready and both ensembles the gateway calls are ready, and the
+limits in use let some request through. The answer also says which weights each model serves
+(Triton's `imagegen_model_info` gauge) and the limits /generate validates with.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+
+from gateway.limits import GenerationLimits
+from gateway.schema import described
+from gateway.services import Services
+
+
+class ReadinessStatus(str, enum.Enum):
+    READY = "ready"
+    NOT_READY = "not_ready"
+
+
+@dataclass(frozen=True)
+class TritonState:
+    url: str = described("GATEWAY_TRITON_URL.")
+    live: bool = described("Triton answers.")
+    ready: bool = described("Triton says it is ready.")
+
+
+@dataclass(frozen=True)
+class ModelState:
+    ready: bool = described("Triton says the model is ready.")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether this gateway can serve /generate, and with what."""
+
+    status: ReadinessStatus = described("ready: 200; not_ready: 503.")
+    triton: TritonState = described("The Triton server behind GATEWAY_TRITON_URL.")
+    models: dict[str, ModelState] = described("Ensembles and whether each is ready.")
+    loaded: dict[str, dict[str, str]] = described(
+        "Per model: kind, source, demo (\"true\": random demo weights), from Triton's "
+        "imagegen_model_info gauge."
+    )
+    demo: bool | None = described(
+        "True when any model runs random demo weights (images are noise); null if unknown."
+    )
+    limits: GenerationLimits = described(
+        "What /generate accepts now: the GATEWAY_* limits tightened by the generation model's."
+    )
+    problems: list[str] = described("Why not ready, and what could not be read.")
+
+    @property
+    def ready(self) -> bool:
+        return self.status is ReadinessStatus.READY
+
+
+def check_readiness(services: Services) -> Readiness:
+    triton = services.triton
+    health = triton.probe()
+    problems = [health.problem] if health.problem else []
+    problems += [f"model {name} is not ready" for name, ok in health.models.items() if not ok]
+    limits = services.limits.refresh()
+    if services.limits.problem and health.all_ready:
+        problems.append(services.limits.problem)
+    if limits.conflict:
+        problems.append(f"no request can pass the limits: {limits.conflict}")
+    loaded: dict[str, dict[str, Any]] = {}
+    try:
+        loaded = triton.model_info()
+    except (urllib3.exceptions.HTTPError, ValueError, OSError) as exc:
+        # Informational only: readiness is Triton's own answer, not this scrape.
+        problems.append(f"cannot read model info from {triton.metrics_url}: {type(exc).__name__}")
+    ready = health.all_ready and limits.conflict is None
+    return Readiness(
+        status=ReadinessStatus.READY if ready else ReadinessStatus.NOT_READY,
+        triton=TritonState(url=services.settings.triton_url, live=health.live, ready=health.ready),
+        models={name: ModelState(ok) for name, ok in health.models.items()},
+        loaded=loaded,
+        demo=any(info.get("demo") == "true" for info in loaded.values()) if loaded else None,
+        limits=limits,
+        problems=problems,
+    )

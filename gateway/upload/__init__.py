@@ -1,0 +1,2 @@
+"""The upload: the URL the client sent (`urls`), where it may connect (`egress`), the PUT with
+its retries (`uploader`)."""
