@@ -22,7 +22,7 @@ from gateway.metrics import Metrics
 from gateway.retry import RetryPolicy
 from gateway.services import Services
 from gateway.settings import Settings
-from gateway.triton import TritonGateway
+from gateway.triton.client import TritonGateway
 from gateway.upload.uploader import Uploader
 
 
@@ -47,6 +47,7 @@ def create_app(config: Settings | None = None) -> Flask:
         http=http,
         metrics=metrics,
         queue_timeout_s=settings.triton_queue_timeout_s,
+        classifier_model=settings.triton_classifier_model,
     )
     app.extensions["gateway"] = Services(
         settings=settings,

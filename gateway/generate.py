@@ -203,6 +203,11 @@ _NSFW_SCORE = (
     "when enable_nsfw_check is false."
 )
 _NSFW_STATUS = "Present only when the check ran."
+_NSFW = (
+    "The spec's verdict: true when nsfw_score is at or above GATEWAY_NSFW_THRESHOLD or the check "
+    "timed out or failed (fail-safe), false below it, null when enable_nsfw_check is false. "
+    "It never blocks the upload."
+)
 _IMAGE_HASH = "MD5 (hex) of exactly the JPEG bytes uploaded or returned."
 _MD5 = "^[0-9a-f]{32}$"
 
@@ -219,6 +224,7 @@ class S3Data:
     s3_upload_status: int | None = described(
         "Last HTTP status from storage; null when it never answered."
     )
+    nsfw: bool | None = described(_NSFW)
     nsfw_status: NsfwStatus | None = described(_NSFW_STATUS, omit_none=True)
     deepfake_score: float | None = described(
         deepfake.SCORE_DOC, omit_none=True, minimum=0, maximum=1
@@ -237,6 +243,7 @@ class B64Data:
     )
     nsfw_score: float | None = described(_NSFW_SCORE, minimum=0, maximum=1)
     image_hash: str = described(_IMAGE_HASH, pattern=_MD5)
+    nsfw: bool | None = described(_NSFW)
     nsfw_status: NsfwStatus | None = described(_NSFW_STATUS, omit_none=True)
     deepfake_score: float | None = described(
         deepfake.SCORE_DOC, omit_none=True, minimum=0, maximum=1
@@ -271,7 +278,9 @@ def generate(services: Services, req: GenerateRequest) -> GenerateResult:
                 req.generation(), nsfw=req.enable_nsfw_check, deadline_s=settings.triton_deadline_s
             )
         nsfw = generated.nsfw
+        flagged = nsfw.flagged(settings.nsfw_threshold) if nsfw else None
         metrics.nsfw_checked(nsfw.status if nsfw else None, nsfw.score if nsfw else None)
+        metrics.nsfw_verdict("generate", flagged)
         # 3. Encode the JPEG and hash exactly those bytes.
         image = encode_jpeg(generated.image, settings.jpeg_quality)
         metrics.stage_latency.labels("encode").observe(image.encode_seconds)
@@ -291,6 +300,7 @@ def generate(services: Services, req: GenerateRequest) -> GenerateResult:
         scores: dict[str, Any] = {
             "nsfw_score": nsfw.score if nsfw else None,
             "image_hash": image.md5,
+            "nsfw": flagged,
             "nsfw_status": nsfw.status if nsfw else None,
             "deepfake_score": checked.score if checked else None,
             "deepfake_status": checked.status if checked else None,

@@ -48,6 +48,7 @@ UPLOAD_RESULTS = (
 )
 NSFW_DISABLED = "disabled"  # the check was not asked for
 NSFW_OUTCOMES = (*(status.value for status in NsfwStatus), NSFW_DISABLED)
+NSFW_ENDPOINTS = ("generate", "moderate")
 
 
 def _words(values: Iterable[str]) -> str:
@@ -118,6 +119,13 @@ class Metrics:
             buckets=_SCORE_BUCKETS,
             registry=self.registry,
         )
+        self.nsfw_flagged = Counter(
+            "gateway_nsfw_flagged",
+            "Images whose `nsfw` verdict was true, by endpoint (generate, moderate): a score at or "
+            "above GATEWAY_NSFW_THRESHOLD, or the fail-safe.",
+            ["endpoint"],
+            registry=self.registry,
+        )
         self.generate_in_flight = Gauge(
             "gateway_generate_in_flight",
             "/generate requests this process is working on (bounded by GATEWAY_MAX_IN_FLIGHT).",
@@ -152,6 +160,8 @@ class Metrics:
             self.uploads.labels(result, status_class)
         for status in NSFW_OUTCOMES:
             self.nsfw_checks.labels(status)
+        for endpoint in NSFW_ENDPOINTS:
+            self.nsfw_flagged.labels(endpoint)
 
     def nsfw_checked(self, status: NsfwStatus | str | None, score: float | None) -> None:
         """One NSFW outcome; `status` None means the check was not asked for, and a word the
@@ -166,6 +176,11 @@ class Metrics:
         self.nsfw_checks.labels(known.value).inc()
         if known is NsfwStatus.OK and score is not None:
             self.nsfw_score.observe(score)
+
+    def nsfw_verdict(self, endpoint: str, flagged: bool | None) -> None:
+        """Count an image flagged by the `nsfw` verdict (None: the check did not run)."""
+        if flagged:
+            self.nsfw_flagged.labels(endpoint).inc()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

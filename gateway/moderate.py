@@ -152,6 +152,10 @@ class ModerateData:
         minimum=0,
         maximum=1,
     )
+    nsfw: bool = described(
+        "True when nsfw_score is at or above GATEWAY_NSFW_THRESHOLD or the classifier timed out "
+        "or failed (fail-safe); false below it."
+    )
     nsfw_status: NsfwStatus = described("The NSFW model's status.")
     deepfake_score: float | None = described(
         deepfake.SCORE_DOC, omit_none=True, minimum=0, maximum=1
@@ -176,11 +180,14 @@ def moderate(services: Services, req: ModerateRequest) -> ModerateResult:
     nsfw = services.triton.classify(req.image.pixels, settings.triton_deadline_s)
     metrics.moderation_latency.labels("nsfw").observe(time.perf_counter() - started)
     metrics.nsfw_checked(nsfw.status, None)
+    flagged = nsfw.flagged(settings.nsfw_threshold)
+    metrics.nsfw_verdict("moderate", flagged)
     # 3. Wait for the deepfake check, no longer than its budget.
     checked = pending.result() if pending is not None else None
     data = ModerateData(
         image_hash=req.md5,
         nsfw_score=nsfw.score,
+        nsfw=flagged,
         nsfw_status=nsfw.status,
         deepfake_score=checked.score if checked else None,
         deepfake_status=checked.status if checked else None,

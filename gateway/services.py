@@ -10,7 +10,7 @@ from gateway.deepfake import DeepfakeClient, deepfake_unavailable
 from gateway.limits import LimitsSource
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.triton import TritonGateway
+from gateway.triton.client import TritonGateway
 from gateway.upload.uploader import Uploader
 
 

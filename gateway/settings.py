@@ -13,6 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+# The model names only: the contract imports no gRPC at module level (gunicorn's master reads
+# the settings before forking its workers).
+from gateway.triton.contract import Model
+
 PREFIX = "GATEWAY_"
 
 class NamingPolicy(str, enum.Enum):
@@ -153,13 +157,16 @@ class Settings:
         default=120.0,
     )
     triton_model: str = _setting(
-        "TRITON_MODEL", str.strip, "Ensemble called when the NSFW check is off.", default="txt2img"
+        "TRITON_MODEL",
+        str.strip,
+        "Ensemble called when the NSFW check is off.",
+        default=Model.TXT2IMG.value,
     )
     triton_nsfw_model: str = _setting(
         "TRITON_NSFW_MODEL",
         str.strip,
         "Ensemble called when the NSFW check is on.",
-        default="txt2img_nsfw",
+        default=Model.TXT2IMG_NSFW.value,
     )
     probe_timeout_s: float = _setting(
         "PROBE_TIMEOUT_S",
@@ -324,6 +331,19 @@ class Settings:
         "How much of the prompt the request log shows (characters); 0: none.",
         default=64,
     )
+    nsfw_threshold: float = _setting(
+        "NSFW_THRESHOLD",
+        float,
+        "`nsfw` is true when `nsfw_score` is at or above this (and whenever the check timed out "
+        "or failed); 0..1.",
+        default=0.5,
+    )
+    triton_classifier_model: str = _setting(
+        "TRITON_CLASSIFIER_MODEL",
+        str.strip,
+        "The NSFW classifier `/moderate` calls alone.",
+        default=Model.CLASSIFIER.value,
+    )
     triton_queue_timeout_s: float | None = _setting(
         "TRITON_QUEUE_TIMEOUT_S",
         _parse_optional_float,
@@ -375,6 +395,8 @@ class Settings:
                 f"{PREFIX}SHUTDOWN_TIMEOUT_S must be > 0",
             ),
             (self.log_prompt_chars >= 0, f"{PREFIX}LOG_PROMPT_CHARS must be >= 0"),
+            (0 <= self.nsfw_threshold <= 1, f"{PREFIX}NSFW_THRESHOLD must be in 0..1"),
+            (bool(self.triton_classifier_model), f"{PREFIX}TRITON_CLASSIFIER_MODEL is empty"),
             (
                 self.triton_queue_timeout_s is None or self.triton_queue_timeout_s > 0,
                 f"{PREFIX}TRITON_QUEUE_TIMEOUT_S must be > 0",

@@ -13,6 +13,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.demo_models import DEMO_DIR, build
+from tests.models.helpers import failing_nsfw_repository
 
 
 @pytest.fixture(scope="session")
@@ -25,5 +26,21 @@ def demo_models() -> Path:
 @pytest.fixture(scope="session")
 def triton(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     server = TritonServer.on_free_ports(DEFAULT_REPOSITORY, tmp_path_factory.mktemp("triton"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def failing_nsfw_triton(
+    demo_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """A second Triton whose extra NSFW models fail safe (tests/models/helpers.py,
+    `failing_nsfw_repository`): one for every test that needs a timeout or an error."""
+    repository = failing_nsfw_repository(tmp_path_factory.mktemp("failsafe-repository"))
+    server = TritonServer.on_free_ports(
+        repository,
+        tmp_path_factory.mktemp("failsafe-triton"),
+        env={"IMAGEGEN_DIFFUSION_MODEL": str(demo_models / "diffusion")},
+    )
     yield server
     server.stop()

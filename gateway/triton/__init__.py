@@ -1,5 +1,4 @@
-"""Triton: the tensor contract (`contract`) and the gateway's client (`client`)."""
+"""Triton: the tensor contract (`contract`) and the gateway's client (`client`).
 
-from gateway.triton.client import Generated, TritonGateway, TritonHealth
-
-__all__ = ["Generated", "TritonGateway", "TritonHealth"]
+Nothing is imported here: the settings read the model names from `contract` in gunicorn's
+master, which must not load gRPC or prometheus_client before its workers fork."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+if TYPE_CHECKING:
+    import tritonclient.grpc as grpcclient
 
 
 class Model(str, enum.Enum):
@@ -37,6 +39,8 @@ class Tensor:
 
     def input(self, value: object) -> grpcclient.InferInput:
         """An InferInput holding `value`, converted to this tensor's datatype."""
+        import tritonclient.grpc as grpcclient  # gunicorn's master reads the model names only
+
         array = np.asarray(value, dtype=self.dtype)
         item = grpcclient.InferInput(self.name, list(array.shape), self.datatype)
         item.set_data_from_numpy(array)
@@ -130,6 +134,8 @@ class Generation:
 
 def tensors(arrays: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
     """Name -> array pairs as InferInputs, each keeping its array's shape and datatype."""
+    import tritonclient.grpc as grpcclient
+
     inputs = []
     for name, value in arrays.items():
         array = np.asarray(value)
@@ -157,6 +163,10 @@ def classify_inputs(pixels: np.ndarray) -> list[grpcclient.InferInput]:
 class NsfwReading:
     score: float
     status: NsfwStatus
+
+    def flagged(self, threshold: float) -> bool:
+        """The spec's `nsfw` true/false: at or above the threshold, or no real score (fail-safe)."""
+        return self.status is not NsfwStatus.OK or self.score >= threshold
 
 
 def read_nsfw(result: grpcclient.InferResult) -> NsfwReading:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,3 +83,18 @@ def test_a_request_past_the_shutdown_timeout_is_cut_off(
         assert time.monotonic() - stopping < 10  # bounded by the timeout, not by the upload
         with pytest.raises(OSError):  # the connection was dropped
             pending.result(timeout=30)
+
+
+def test_the_master_loads_no_grpc_and_no_metrics_client_before_forking() -> None:
+    # gRPC is not fork-safe once used, and prometheus_client fixes its multi-process mode at
+    # import: gunicorn.conf.py, run by the master, must import neither.
+    code = (
+        "import runpy, sys; runpy.run_path('gateway/gunicorn.conf.py'); "
+        "print(sorted(m for m in ('grpc', 'prometheus_client', 'tritonclient.grpc') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[2], timeout=60,
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

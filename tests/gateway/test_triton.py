@@ -23,7 +23,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.triton import TritonGateway
+from gateway.triton.client import TritonGateway
 from gateway.triton.contract import read_nsfw
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from embedded.triton import DEFAULT_REPOSITORY
 from gateway.triton import contract
 
 
@@ -78,3 +82,42 @@ def executions(client: grpcclient.InferenceServerClient, model: str, quiet_s: fl
         if latest != value:
             value, since = latest, time.monotonic()
     return value
+
+
+def repository_variant(
+    repository: Path, source: str, name: str, replace: dict[str, str] | None = None
+) -> Path:
+    """A copy of model `source` of the real repository, served as `name`, its config.pbtxt
+    edited (`old: new` text replacements, each of which must apply)."""
+    config = (DEFAULT_REPOSITORY / source / "config.pbtxt").read_text()
+    for old, new in {f'name: "{source}"': f'name: "{name}"', **(replace or {})}.items():
+        if old not in config:
+            raise ValueError(f"{old!r} is not in {source}'s config.pbtxt")
+        config = config.replace(old, new)
+    target = repository / name
+    if (DEFAULT_REPOSITORY / source / "1").exists():
+        shutil.copytree(DEFAULT_REPOSITORY / source / "1", target / "1")
+    (target / "1").mkdir(parents=True, exist_ok=True)
+    (target / "config.pbtxt").write_text(config)
+    return target
+
+
+def failing_nsfw_repository(repository: Path) -> Path:
+    """The real repository plus NSFW classifiers that fail safe: `nsfw_slow` (a budget nothing
+    meets: status timeout) and `nsfw_broken` (an ONNX file that cannot load: status error), each
+    also behind its own `txt2img_nsfw_slow` / `txt2img_nsfw_broken` ensemble."""
+    for model in ("diffusion", "upscaler", "nsfw", "txt2img", "txt2img_nsfw"):
+        shutil.copytree(DEFAULT_REPOSITORY / model, repository / model)
+    budget = '"budget_ms"\n    value: { string_value: "5000" }'
+    repository_variant(repository, "nsfw", "nsfw_slow", {budget: budget.replace("5000", "0.001")})
+    broken = repository_variant(repository, "nsfw", "nsfw_broken")
+    served = json.loads((broken / "1" / "nsfw.json").read_text())["serve"]
+    (broken / "1" / served).write_bytes(b"this is not an ONNX protobuf" * 10)
+    for variant in ("slow", "broken"):
+        repository_variant(
+            repository,
+            "txt2img_nsfw",
+            f"txt2img_nsfw_{variant}",
+            {'model_name: "nsfw"': f'model_name: "nsfw_{variant}"'},
+        )
+    return repository
