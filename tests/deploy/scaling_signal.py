@@ -346,9 +346,9 @@ def summary(result: Measurement) -> str:
     return (
         f"target {result.target:g}; under load max {max(load, default=float('nan')):.3f}, "
         f"median {sorted(load)[len(load) // 2] if load else float('nan'):.3f}; "
-        f"above the target {up if up is not None else 'never'} s after the load started; "
+        f"above the target {'never' if up is None else f'{up:.0f} s'} after the load started; "
         f"after it stopped, last {cool[-1] if cool else float('nan'):.3f}, below the target "
-        f"{down if down is not None else 'never'} s later; scraped pods {result.scraped}, "
+        f"{'never' if down is None else f'{down:.0f} s'} later; scraped pods {result.scraped}, "
         f"dropped targets {result.dropped}; errors {len(result.errors)}"
     )
 
