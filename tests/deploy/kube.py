@@ -57,7 +57,10 @@ class Rendered:
 def render(tree: Path, kustomization: str, out_dir: Path) -> Rendered:
     done = subprocess.run(
         [kubectl(), "kustomize", str(tree / kustomization)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     if done.returncode != 0:
         raise RenderError(f"kubectl kustomize {kustomization}: {done.stderr.strip()}")
@@ -73,7 +76,10 @@ def schema_problems(rendered: Rendered, version: str) -> list[str]:
     """kubernetes-validate --strict: every object known to that version, no unknown field."""
     done = subprocess.run(
         [kubernetes_validate(), "--strict", "-k", version, str(rendered.path)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     lines = (done.stdout + done.stderr).splitlines()
     # A kind without a schema only warns (exit 0): here that is a failure, it was not checked.
@@ -89,14 +95,28 @@ def schema_problems(rendered: Rendered, version: str) -> list[str]:
 def checkov_report(rendered: Rendered) -> dict[str, Any]:
     # --skip-download: no calls to the vendor's platform (there is no network here anyway).
     done = subprocess.run(
-        [checkov(), "--framework", "kubernetes", "--skip-download", "--output", "json",
-         "--file", rendered.path.name],
-        cwd=rendered.path.parent, capture_output=True, text=True, timeout=600, check=False,
+        [
+            checkov(),
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--output",
+            "json",
+            "--file",
+            rendered.path.name,
+        ],
+        cwd=rendered.path.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     try:
         report = json.loads(done.stdout)
     except json.JSONDecodeError:
-        raise RuntimeError(f"checkov printed no report (exit {done.returncode}): {done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"checkov printed no report (exit {done.returncode}): {done.stderr[-2000:]}"
+        )
     return report
 
 
@@ -136,11 +156,14 @@ def _flags(container: dict[str, Any]) -> dict[str, str]:
     return dict(arg.removeprefix("--").split("=", 1) for arg in container.get("args", []))
 
 
-def _volume_mount(deployment: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def _volume_mount(
+    deployment: dict[str, Any], path: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(volumeMount, volume) of the mount that holds `path`, the deepest one."""
     spec = deployment["spec"]["template"]["spec"]
     mounts = [
-        m for m in _container(deployment).get("volumeMounts", [])
+        m
+        for m in _container(deployment).get("volumeMounts", [])
         if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
     ]
     if not mounts:
@@ -181,11 +204,15 @@ def gateway_problems(rendered: Rendered) -> list[str]:
     secret_names = {f"{PREFIX}API_KEYS", f"{PREFIX}NVIDIA_API_KEY"}
     for source in container.get("envFrom", []):
         data = rendered.get("ConfigMap", source["configMapRef"]["name"]).get("data", {})
-        problems += [f"{name} is a secret but sits in a ConfigMap" for name in secret_names & set(data)]
+        problems += [
+            f"{name} is a secret but sits in a ConfigMap" for name in secret_names & set(data)
+        ]
     headless = [
-        s for s in rendered.objects("Service")
+        s
+        for s in rendered.objects("Service")
         if s["spec"].get("clusterIP") == "None"
-        and s["spec"]["selector"] == rendered.get("Deployment", "imagegen-triton")["spec"]["selector"]["matchLabels"]
+        and s["spec"]["selector"]
+        == rendered.get("Deployment", "imagegen-triton")["spec"]["selector"]["matchLabels"]
     ]
     if len(headless) != 1:
         return problems + [f"{len(headless)} headless Services select the Triton pods"]
@@ -193,16 +220,22 @@ def gateway_problems(rendered: Rendered) -> list[str]:
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
     name = service["metadata"]["name"]
     if settings.triton_url != f"dns:///{name}:{ports.get('grpc')}":
-        problems.append(f"GATEWAY_TRITON_URL {settings.triton_url} is not dns:///{name}:{ports.get('grpc')}")
+        problems.append(
+            f"GATEWAY_TRITON_URL {settings.triton_url} is not dns:///{name}:{ports.get('grpc')}"
+        )
     if settings.triton_metrics_url != f"http://{name}:{ports.get('metrics')}/metrics":
         problems.append(f"GATEWAY_TRITON_METRICS_URL {settings.triton_metrics_url} is not Triton's")
     if settings.host != "0.0.0.0" or _port(container, "http") != settings.port:
-        problems.append(f"gunicorn binds {settings.host}:{settings.port}, the container port is "
-                        f"{_port(container, 'http')}")
+        problems.append(
+            f"gunicorn binds {settings.host}:{settings.port}, the container port is "
+            f"{_port(container, 'http')}"
+        )
     gateway_service = rendered.get("Service", "imagegen-gateway")
     for port in gateway_service["spec"]["ports"]:
         if _port(container, port["targetPort"]) != settings.port:
-            problems.append(f"Service port {port['name']} targets {port['targetPort']}, not the gateway")
+            problems.append(
+                f"Service port {port['name']} targets {port['targetPort']}, not the gateway"
+            )
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container.get(probe, {}).get("httpGet", {})
         if get.get("path") != path or _port(container, get.get("port", "")) != settings.port:
@@ -219,13 +252,17 @@ def gateway_problems(rendered: Rendered) -> list[str]:
     else:
         found = _volume_mount(deployment, settings.metrics_dir)
         if not found or "emptyDir" not in found[1] or found[0].get("readOnly"):
-            problems.append(f"GATEWAY_METRICS_DIR {settings.metrics_dir} is not a writable emptyDir")
+            problems.append(
+                f"GATEWAY_METRICS_DIR {settings.metrics_dir} is not a writable emptyDir"
+            )
     if settings.api_keys_file is None:
         problems.append("no GATEWAY_API_KEYS_FILE: the gateway would serve everyone")
     else:
         found = _volume_mount(deployment, settings.api_keys_file)
         if not found or "secret" not in found[1] or found[1]["secret"].get("optional"):
-            problems.append(f"GATEWAY_API_KEYS_FILE {settings.api_keys_file} is not on a required Secret")
+            problems.append(
+                f"GATEWAY_API_KEYS_FILE {settings.api_keys_file} is not on a required Secret"
+            )
     return problems
 
 
@@ -239,9 +276,14 @@ def triton_problems(rendered: Rendered, shape: str) -> list[str]:
     for kind in ("http", "grpc", "metrics"):
         flag = flags.get(f"{kind}-port")
         if flag is None or _port(container, kind) != int(flag):
-            problems.append(f"--{kind}-port={flag} but the container port {kind} is {_port(container, kind)}")
-    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
-                        ("livenessProbe", "/v2/health/live")):
+            problems.append(
+                f"--{kind}-port={flag} but the container port {kind} is {_port(container, kind)}"
+            )
+    for probe, path in (
+        ("startupProbe", "/v2/health/ready"),
+        ("readinessProbe", "/v2/health/ready"),
+        ("livenessProbe", "/v2/health/live"),
+    ):
         get = container.get(probe, {}).get("httpGet", {})
         port = _port(container, get.get("port", ""))
         if get.get("path") != path or port is None or str(port) != flags.get("http-port"):
@@ -249,7 +291,9 @@ def triton_problems(rendered: Rendered, shape: str) -> list[str]:
     startup = container.get("startupProbe", {})
     startup_budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
     if startup_budget < 600:
-        problems.append(f"the startup probe allows {startup_budget}s to load weights, under 10 minutes")
+        problems.append(
+            f"the startup probe allows {startup_budget}s to load weights, under 10 minutes"
+        )
     exit_timeout = int(flags.get("exit-timeout-secs", 30))
     try:
         deadline = Settings.from_env(gateway_environment(rendered)).triton_deadline_s
@@ -264,14 +308,18 @@ def triton_problems(rendered: Rendered, shape: str) -> list[str]:
     if grace < _pre_stop_s(container) + exit_timeout:
         problems.append(f"Triton grace period {grace}s < preStop + --exit-timeout-secs")
     if _pre_stop_s(container) < 5:
-        problems.append("no preStop pause: Triton would refuse new calls before gateways saw it leave")
+        problems.append(
+            "no preStop pause: Triton would refuse new calls before gateways saw it leave"
+        )
     # Weights: every IMAGEGEN_* the models read is set, under a read-only PVC mount.
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     read = set()
     for path in MODEL_REPOSITORY.glob("*/1/model.py"):
         read |= set(re.findall(r"environ\.get\(\"(IMAGEGEN_[A-Z_]+)\"", path.read_text()))
     if not read or read - set(env):
-        problems.append(f"IMAGEGEN_* variables the models read but the pod does not set: {sorted(read - set(env))}")
+        problems.append(
+            f"IMAGEGEN_* variables the models read but the pod does not set: {sorted(read - set(env))}"
+        )
     for name in sorted(read & set(env)):
         if not env[name]:
             continue
@@ -279,16 +327,27 @@ def triton_problems(rendered: Rendered, shape: str) -> list[str]:
         claim = found and found[1].get("persistentVolumeClaim")
         if not found or not claim or not found[0].get("readOnly") or not claim.get("readOnly"):
             problems.append(f"{name}={env[name]} is not on the read-only weights volume")
-        elif not any(p["metadata"]["name"] == claim["claimName"] for p in rendered.objects("PersistentVolumeClaim")):
+        elif not any(
+            p["metadata"]["name"] == claim["claimName"]
+            for p in rendered.objects("PersistentVolumeClaim")
+        ):
             problems.append(f"the weights claim {claim['claimName']} is not deployed")
     models = sorted(
-        p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt") if "instance_group" in p.read_text()
+        p.parent.name
+        for p in MODEL_REPOSITORY.glob("*/config.pbtxt")
+        if "instance_group" in p.read_text()
     )
     counts = {k for k in env if k.startswith("TRITON_INSTANCES_")}
     if not models or counts != {f"TRITON_INSTANCES_{m.upper()}" for m in models}:
-        problems.append(f"TRITON_INSTANCES_* {sorted(counts)} do not match the models with instances {models}")
+        problems.append(
+            f"TRITON_INSTANCES_* {sorted(counts)} do not match the models with instances {models}"
+        )
     shm = _volume_mount(deployment, "/dev/shm")
-    if not shm or shm[1].get("emptyDir", {}).get("medium") != "Memory" or not shm[1]["emptyDir"].get("sizeLimit"):
+    if (
+        not shm
+        or shm[1].get("emptyDir", {}).get("medium") != "Memory"
+        or not shm[1]["emptyDir"].get("sizeLimit")
+    ):
         problems.append("/dev/shm is not a memory-backed emptyDir with a size limit")
     gpus = {container["resources"].get(k, {}).get("nvidia.com/gpu") for k in ("requests", "limits")}
     if shape == "gpu" and gpus != {"1"}:
@@ -327,7 +386,9 @@ def autoscaling_problems(rendered: Rendered, tree: Path) -> list[str]:
         served[rule["name"]["as"]] = rule
     name = metric.get("pods", {}).get("metric", {}).get("name")
     if metric["type"] != "Pods" or name not in served:
-        return problems + [f"the Triton HPA's metric {name!r} is not served by the adapter ({sorted(served)})"]
+        return problems + [
+            f"the Triton HPA's metric {name!r} is not served by the adapter ({sorted(served)})"
+        ]
     rule = served[name]
     series = rule["seriesQuery"].split("{", 1)[0]
     if series not in _recorded():
@@ -338,13 +399,19 @@ def autoscaling_problems(rendered: Rendered, tree: Path) -> list[str]:
     config = yaml.safe_load((PROMETHEUS_DIR / "kubernetes.yml").read_text())
     [triton_job] = [j for j in config["scrape_configs"] if j["job_name"] == "triton"]
     if not labels <= _relabelled_targets(triton_job):
-        problems.append(f"the adapter maps {sorted(labels)} to pods; the triton scrape job sets "
-                        f"{sorted(_relabelled_targets(triton_job))}")
+        problems.append(
+            f"the adapter maps {sorted(labels)} to pods; the triton scrape job sets "
+            f"{sorted(_relabelled_targets(triton_job))}"
+        )
     startup = _container(deployment).get("startupProbe", {})
     load_s = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
-    down = hpa["spec"].get("behavior", {}).get("scaleDown", {}).get("stabilizationWindowSeconds", 300)
+    down = (
+        hpa["spec"].get("behavior", {}).get("scaleDown", {}).get("stabilizationWindowSeconds", 300)
+    )
     if down < load_s:
-        problems.append(f"scale-down stabilization {down}s is shorter than a weight load may take ({load_s}s)")
+        problems.append(
+            f"scale-down stabilization {down}s is shorter than a weight load may take ({load_s}s)"
+        )
     return problems
 
 
@@ -362,20 +429,32 @@ def scrape_problems(rendered: Rendered) -> list[str]:
         try:
             ports = {p["name"] for p in rendered.get("Service", service)["spec"]["ports"]}
         except KeyError:
-            problems.append(f"job {job['job_name']} scrapes Service {service}, which is not deployed")
+            problems.append(
+                f"job {job['job_name']} scrapes Service {service}, which is not deployed"
+            )
             continue
         if port not in ports or ready != "true":
-            problems.append(f"job {job['job_name']} keeps port {port} (ready={ready}); {service} has {sorted(ports)}")
+            problems.append(
+                f"job {job['job_name']} keeps port {port} (ready={ready}); {service} has {sorted(ports)}"
+            )
     return problems
 
 
 def image_problems(rendered: Rendered) -> list[str]:
     """Tags carry the project's version and the Dockerfile's base: a new base is a new tag."""
-    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
-    triton_from = re.search(r"^FROM nvcr\.io/nvidia/tritonserver:(\d+\.\d+)-py3$",
-                            (DOCKER_DIR / "triton.Dockerfile").read_text(), re.MULTILINE)
-    gateway_from = re.search(r"^FROM python:(\d+\.\d+)-slim$",
-                             (DOCKER_DIR / "gateway.Dockerfile").read_text(), re.MULTILINE)
+    version = re.search(
+        r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE
+    )
+    triton_from = re.search(
+        r"^FROM nvcr\.io/nvidia/tritonserver:(\d+\.\d+)-py3$",
+        (DOCKER_DIR / "triton.Dockerfile").read_text(),
+        re.MULTILINE,
+    )
+    gateway_from = re.search(
+        r"^FROM python:(\d+\.\d+)-slim$",
+        (DOCKER_DIR / "gateway.Dockerfile").read_text(),
+        re.MULTILINE,
+    )
     if not (version and triton_from and gateway_from):
         return ["cannot read the version or a Dockerfile's FROM"]
     expected = {
@@ -393,13 +472,18 @@ def image_problems(rendered: Rendered) -> list[str]:
 def network_problems(rendered: Rendered) -> list[str]:
     policies = {p["metadata"]["name"]: p["spec"] for p in rendered.objects("NetworkPolicy")}
     problems = []
-    deny = [s for s in policies.values() if s["podSelector"] == {} and not s.get("ingress") and not s.get("egress")]
+    deny = [
+        s
+        for s in policies.values()
+        if s["podSelector"] == {} and not s.get("ingress") and not s.get("egress")
+    ]
     if not any(set(s.get("policyTypes", [])) == {"Ingress", "Egress"} for s in deny):
         problems.append("no default-deny NetworkPolicy for ingress and egress")
     triton = policies.get("imagegen-triton", {})
     peers = [peer for rule in triton.get("ingress", []) for peer in rule.get("from", [])]
     allowed = {
-        peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") for peer in peers
+        peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+        for peer in peers
     }
     if not peers or allowed != {"gateway", "prometheus"}:
         problems.append(f"Triton is reachable from {allowed}, not only the gateway and Prometheus")
@@ -420,4 +504,3 @@ def consistency_problems(rendered: Rendered, tree: Path, shape: str) -> list[str
         network_problems(rendered),
     )
     return [problem for found in checks for problem in found]
-

@@ -198,7 +198,9 @@ class Load:
         from tests.models.helpers import generation, tensors
 
         client = grpcclient.InferenceServerClient(self.grpc_url)
-        inputs = tensors(**generation(width=self.size, height=self.size, steps=self.steps, seed=index))
+        inputs = tensors(
+            **generation(width=self.size, height=self.size, steps=self.steps, seed=index)
+        )
         try:
             while not self._stop.is_set():
                 try:
@@ -214,7 +216,8 @@ class Load:
 
     def start(self) -> None:
         self._threads = [
-            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)
+            threading.Thread(target=self._client, args=(i,), daemon=True)
+            for i in range(self.clients)
         ]
         for thread in self._threads:
             thread.start()
@@ -257,7 +260,9 @@ def prometheus_on(
     binary: str, workdir: Path, triton_metrics: str, window: str, interval: str
 ) -> Iterator[Prometheus]:
     config = prometheus_config(workdir, triton_metrics, window, interval)
-    server = Prometheus(binary=binary, config=config, workdir=workdir, log_path=workdir / "prometheus.log")
+    server = Prometheus(
+        binary=binary, config=config, workdir=workdir, log_path=workdir / "prometheus.log"
+    )
     with server:
         yield server
 
@@ -324,7 +329,11 @@ def measure(
     stopped = time.monotonic()
     while time.monotonic() - stopped < cool_s:
         taken = sample("cool")
-        if taken.ratio is not None and taken.ratio < target and taken.t - (stopped - start) > sample_s:
+        if (
+            taken.ratio is not None
+            and taken.ratio < target
+            and taken.t - (stopped - start) > sample_s
+        ):
             break
         time.sleep(sample_s)
 
@@ -377,10 +386,18 @@ def main(argv: list[str] | None = None) -> int:
         triton = TritonServer.on_free_ports(DEFAULT_REPOSITORY, workdir / "triton")
         try:
             metrics = f"{triton.host}:{triton.metrics_port}"
-            with prometheus_on(binary, workdir / "prometheus", metrics, args.window, args.scrape_interval) as prom:
+            with prometheus_on(
+                binary, workdir / "prometheus", metrics, args.window, args.scrape_interval
+            ) as prom:
                 result = measure(
-                    prom, triton.grpc_url, clients=args.clients, load_s=args.load_s,
-                    cool_s=args.cool_s, sample_s=args.sample_s, size=args.size, steps=args.steps,
+                    prom,
+                    triton.grpc_url,
+                    clients=args.clients,
+                    load_s=args.load_s,
+                    cool_s=args.cool_s,
+                    sample_s=args.sample_s,
+                    size=args.size,
+                    steps=args.steps,
                 )
         finally:
             triton.stop()

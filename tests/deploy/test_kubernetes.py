@@ -36,21 +36,35 @@ def test_every_kustomization_is_rendered_and_tested() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_each_shape_deploys_the_whole_service(rendered: dict[str, kube.Rendered], name: str) -> None:
+def test_each_shape_deploys_the_whole_service(
+    rendered: dict[str, kube.Rendered], name: str
+) -> None:
     docs = rendered[name].docs
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
     config_map = next(k for k in kinds if k.startswith("ConfigMap/"))
-    assert re.fullmatch(r"ConfigMap/imagegen-gateway-[a-z0-9]{10}", config_map)  # hashed: rolls on change
-    assert kinds == sorted([
-        "Namespace/imagegen", config_map,
-        "Deployment/imagegen-gateway", "Deployment/imagegen-triton",
-        "HorizontalPodAutoscaler/imagegen-gateway", "HorizontalPodAutoscaler/imagegen-triton",
-        "NetworkPolicy/default-deny", "NetworkPolicy/imagegen-gateway", "NetworkPolicy/imagegen-triton",
-        "PersistentVolumeClaim/imagegen-weights",
-        "PodDisruptionBudget/imagegen-gateway", "PodDisruptionBudget/imagegen-triton",
-        "Service/imagegen-gateway", "Service/imagegen-triton",
-        "ServiceAccount/imagegen-gateway", "ServiceAccount/imagegen-triton",
-    ])
+    assert re.fullmatch(
+        r"ConfigMap/imagegen-gateway-[a-z0-9]{10}", config_map
+    )  # hashed: rolls on change
+    assert kinds == sorted(
+        [
+            "Namespace/imagegen",
+            config_map,
+            "Deployment/imagegen-gateway",
+            "Deployment/imagegen-triton",
+            "HorizontalPodAutoscaler/imagegen-gateway",
+            "HorizontalPodAutoscaler/imagegen-triton",
+            "NetworkPolicy/default-deny",
+            "NetworkPolicy/imagegen-gateway",
+            "NetworkPolicy/imagegen-triton",
+            "PersistentVolumeClaim/imagegen-weights",
+            "PodDisruptionBudget/imagegen-gateway",
+            "PodDisruptionBudget/imagegen-triton",
+            "Service/imagegen-gateway",
+            "Service/imagegen-triton",
+            "ServiceAccount/imagegen-gateway",
+            "ServiceAccount/imagegen-triton",
+        ]
+    )
     for doc in docs:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "imagegen", doc["metadata"]["name"]
@@ -61,7 +75,9 @@ def test_each_shape_deploys_the_whole_service(rendered: dict[str, kube.Rendered]
 
 @pytest.mark.parametrize("version", kube.KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("name", kube.KUSTOMIZATIONS)
-def test_kubernetes_validate_strict(rendered: dict[str, kube.Rendered], name: str, version: str) -> None:
+def test_kubernetes_validate_strict(
+    rendered: dict[str, kube.Rendered], name: str, version: str
+) -> None:
     assert kube.schema_problems(rendered[name], version) == []
 
 
@@ -102,39 +118,63 @@ def _consistency(rendered: kube.Rendered, tree: Path) -> list[str]:
 BROKEN: dict[str, tuple[str, str, str, Callable[[kube.Rendered, Path], list[str]], str]] = {
     # name: (file, old, new, the check that must catch it, a word of its message)
     "misspelt field": (
-        "base/triton/deployment.yaml", "          readinessProbe:", "          readinesProbe:",
-        _schema, "'readinesProbe' was unexpected",
+        "base/triton/deployment.yaml",
+        "          readinessProbe:",
+        "          readinesProbe:",
+        _schema,
+        "'readinesProbe' was unexpected",
     ),
     "writable root filesystem": (
-        "base/gateway/deployment.yaml", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false",
-        _policy, "CKV_K8S_22",
+        "base/gateway/deployment.yaml",
+        "readOnlyRootFilesystem: true",
+        "readOnlyRootFilesystem: false",
+        _policy,
+        "CKV_K8S_22",
     ),
     "a skip without a reason": (
         "base/triton/deployment.yaml",
-        ("CKV_K8S_15=Pinned, never reused release tags: IfNotPresent keeps a pod start (failover, "
-        "scale-up) from waiting on the registry for a 15 GB image that is already on the node"),
+        (
+            "CKV_K8S_15=Pinned, never reused release tags: IfNotPresent keeps a pod start (failover, "
+            "scale-up) from waiting on the registry for a 15 GB image that is already on the node"
+        ),
         "CKV_K8S_15=ok",
-        _policy, "skipped without a reason",
+        _policy,
+        "skipped without a reason",
     ),
     "misspelt gateway setting": (
-        "base/gateway/gateway.env", "GATEWAY_TRITON_DEADLINE_S=", "GATEWAY_TRITON_DEADLINE=",
-        _consistency, "unknown settings: GATEWAY_TRITON_DEADLINE",
+        "base/gateway/gateway.env",
+        "GATEWAY_TRITON_DEADLINE_S=",
+        "GATEWAY_TRITON_DEADLINE=",
+        _consistency,
+        "unknown settings: GATEWAY_TRITON_DEADLINE",
     ),
     "deadline longer than Triton's drain": (
-        "base/gateway/gateway.env", "GATEWAY_TRITON_DEADLINE_S=120", "GATEWAY_TRITON_DEADLINE_S=300",
-        _consistency, "--exit-timeout-secs=130 is shorter",
+        "base/gateway/gateway.env",
+        "GATEWAY_TRITON_DEADLINE_S=120",
+        "GATEWAY_TRITON_DEADLINE_S=300",
+        _consistency,
+        "--exit-timeout-secs=130 is shorter",
     ),
     "HPA metric the adapter does not serve": (
-        "base/triton/hpa.yaml", "name: triton_diffusion_queue_compute_ratio",
-        "name: triton_queue_compute_ratio", _consistency, "is not served by the adapter",
+        "base/triton/hpa.yaml",
+        "name: triton_diffusion_queue_compute_ratio",
+        "name: triton_queue_compute_ratio",
+        _consistency,
+        "is not served by the adapter",
     ),
     "Triton port moved, probes left behind": (
-        "base/triton/deployment.yaml", "--http-port=8000", "--http-port=8080",
-        _consistency, "--http-port=8080 but the container port http is 8000",
+        "base/triton/deployment.yaml",
+        "--http-port=8000",
+        "--http-port=8080",
+        _consistency,
+        "--http-port=8080 but the container port http is 8000",
     ),
     "image tag that no Dockerfile makes": (
-        "base/gateway/deployment.yaml", "image: imagegen-gateway:0.1.0-py3.11",
-        "image: imagegen-gateway:latest", _consistency, "imagegen-gateway runs imagegen-gateway:latest",
+        "base/gateway/deployment.yaml",
+        "image: imagegen-gateway:0.1.0-py3.11",
+        "image: imagegen-gateway:latest",
+        _consistency,
+        "imagegen-gateway runs imagegen-gateway:latest",
     ),
 }
 
@@ -145,7 +185,9 @@ def test_a_broken_copy_is_caught(case: str, tmp_path: Path) -> None:
     tree = tmp_path / "kubernetes"
     shutil.copytree(kube.KUBERNETES_DIR, tree)
     if check is not _policy:  # checkov on the intact tree is test_checkov_finds_nothing_unexplained
-        assert not [p for p in check(kube.render(tree, "overlays/gpu", tmp_path), tree) if expected in p]
+        assert not [
+            p for p in check(kube.render(tree, "overlays/gpu", tmp_path), tree) if expected in p
+        ]
     _edit(tree, relative, old, new)
     out = tmp_path / "broken"
     out.mkdir()
@@ -164,9 +206,21 @@ def test_a_broken_kustomization_does_not_render(tmp_path: Path) -> None:
 # --- the Prometheus side of it -------------------------------------------------------------------
 
 # Prometheus's kubernetes_sd_config fields, and the roles, as documented.
-SD_FIELDS = {"role", "api_server", "kubeconfig_file", "namespaces", "selectors", "attach_metadata",
-             "basic_auth", "authorization", "oauth2", "proxy_url", "follow_redirects", "tls_config",
-             "enable_http2"}
+SD_FIELDS = {
+    "role",
+    "api_server",
+    "kubeconfig_file",
+    "namespaces",
+    "selectors",
+    "attach_metadata",
+    "basic_auth",
+    "authorization",
+    "oauth2",
+    "proxy_url",
+    "follow_redirects",
+    "tls_config",
+    "enable_http2",
+}
 ROLES = {"node", "service", "pod", "endpoints", "endpointslice", "ingress"}
 # The endpointslice role's meta labels this config may use (Prometheus's documentation), plus
 # those of the Service and the Pod it attaches.
@@ -195,7 +249,10 @@ def test_the_kubernetes_scrape_config(tmp_path: Path) -> None:
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     checked = subprocess.run(
         [require("promtool"), "check", "config", str(tmp_path / "prometheus.yml")],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = len(list((kube.PROMETHEUS_DIR / "rules").glob("*.yml")))

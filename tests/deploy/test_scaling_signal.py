@@ -21,7 +21,9 @@ from tests.deploy.tools import require
 
 def test_queue_pressure_crosses_the_hpa_target_and_back(triton: Any, tmp_path: Path) -> None:
     metrics = f"{triton.host}:{triton.metrics_port}"
-    with scaling_signal.prometheus_on(require("prometheus"), tmp_path, metrics, "20s", "1s") as prom:
+    with scaling_signal.prometheus_on(
+        require("prometheus"), tmp_path, metrics, "20s", "1s"
+    ) as prom:
         result = scaling_signal.measure(
             prom, triton.grpc_url, clients=4, load_s=90, cool_s=75, sample_s=2, enough_above=3
         )

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus", "docker-compose": "docker-compose"}
+PACKAGES = {
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    "docker-compose": "docker-compose",
+}
 CHECKOV_REQUIREMENTS = Path(__file__).with_name("checkov-requirements.txt")
 
 
@@ -64,7 +68,15 @@ def checkov() -> str:
             return str(binary)
     steps = [
         [sys.executable, "-m", "venv", "--clear", str(venv)],
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-r", str(CHECKOV_REQUIREMENTS)],
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "-r",
+            str(CHECKOV_REQUIREMENTS),
+        ],
     ]
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
