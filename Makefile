@@ -19,8 +19,16 @@ models: $(STAMP)
 	$(BIN)/python -m export.demo_models
 
 # promtool, prometheus and docker-compose for tests/deploy: apt-get as root when missing.
-tools:
+# checkov in a virtualenv of its own: its exact pins would downgrade the project's packages.
+CHECKOV := $(VENV)/tools/checkov/bin/checkov
+tools: $(CHECKOV)
 	sh deploy/install-tools.sh
+
+$(CHECKOV): tests/deploy/checkov-requirements.txt
+	@echo "checkov for the Kubernetes checks, in $(VENV)/tools/checkov (first time: about a minute)"
+	$(PYTHON) -m venv --clear $(VENV)/tools/checkov
+	$(VENV)/tools/checkov/bin/python -m pip install --quiet -r tests/deploy/checkov-requirements.txt
+	touch $@
 
 test: models tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """The tools the deploy tests run. System tools come from `make test` (deploy/install-tools.sh);
 kubectl and kubernetes-validate from the dev extra (pyproject.toml); checkov from its own
-virtualenv, made here on first use."""
+virtualenv, made by `make tools`."""
 
 from __future__ import annotations
 
@@ -52,38 +52,23 @@ def kubernetes_validate() -> str:
 
 
 def checkov() -> str:
-    """checkov from its own virtualenv beside this one's packages (<venv>/tools/checkov): its
-    exact pins would downgrade the project's environment. Made, or brought to the pinned
-    version, from the registry on first use."""
-    venv = Path(sys.prefix) / "tools" / "checkov"
-    binary = venv / "bin" / "checkov"
+    """checkov from its own virtualenv beside this one's packages (<venv>/tools/checkov, made by
+    `make tools`): its exact pins would downgrade the project's environment."""
+    binary = Path(sys.prefix) / "tools" / "checkov" / "bin" / "checkov"
     pinned = next(
         line.split("==", 1)[1].strip()
         for line in CHECKOV_REQUIREMENTS.read_text().splitlines()
         if line.startswith("checkov==")
     )
-    if binary.exists():
-        version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-        if version.stdout.strip() == pinned:
-            return str(binary)
-    steps = [
-        [sys.executable, "-m", "venv", "--clear", str(venv)],
-        [
-            str(venv / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "-r",
-            str(CHECKOV_REQUIREMENTS),
-        ],
-    ]
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
-        if done.returncode != 0:
-            pytest.fail(
-                f"could not install checkov {pinned} into {venv} ({' '.join(step[:4])}...): "
-                f"{done.stderr[-1500:]}",
-                pytrace=False,
-            )
+    version = (
+        subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+        if binary.exists()
+        else None
+    )
+    if version is None or version.stdout.strip() != pinned:
+        pytest.fail(
+            f"checkov {pinned} is not in {binary.parent}: `make tools` (run by `make test`) "
+            "installs it from tests/deploy/checkov-requirements.txt.",
+            pytrace=False,
+        )
     return str(binary)
