@@ -14,11 +14,11 @@ from flask import Flask, Response, g, request
 from gateway import views
 from gateway.auth import ApiKeys, require_api_key
 from gateway.backpressure import limit_in_flight
-from gateway.deepfake import DeepfakeClient
 from gateway.errors import register_error_handlers
 from gateway.limits import LimitsSource
 from gateway.logs import track_request_ids
 from gateway.metrics import Metrics
+from gateway.nvidia.deepfake import DeepfakeClient
 from gateway.retry import RetryPolicy
 from gateway.services import Services
 from gateway.settings import Settings
@@ -85,6 +85,8 @@ def _deepfake_client(settings: Settings, metrics: Metrics) -> DeepfakeClient | N
         api_key=settings.nvidia_api_key,
         budget_s=settings.deepfake_budget_s,
         max_image_bytes=settings.deepfake_max_image_bytes,
+        assets_url=settings.nvidia_assets_url,
+        inline_max_bytes=settings.deepfake_inline_max_bytes,
         http=urllib3.PoolManager(
             num_pools=1, maxsize=settings.threads, retries=False, ssl_context=_ssl_context(None)
         ),

@@ -14,13 +14,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import deepfake
-from gateway.deepfake import DeepfakeStatus, deepfake_unavailable
 from gateway.errors import InvalidRequest
 from gateway.fields import FieldSpec, check_fields
 from gateway.imaging import EncodedImage, encode_jpeg
 from gateway.limits import GenerationLimits
 from gateway.logs import truncate
+from gateway.nvidia import deepfake
+from gateway.nvidia.deepfake import DeepfakeStatus, deepfake_unavailable
 from gateway.schema import described
 from gateway.services import Services
 from gateway.settings import Settings

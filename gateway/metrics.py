@@ -23,7 +23,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-from gateway.deepfake import DeepfakeAttemptOutcome, DeepfakeStatus
+from gateway.nvidia.api import ApiOutcome
+from gateway.nvidia.assets import AssetResult
+from gateway.nvidia.deepfake import DeepfakeStatus
 from gateway.triton.client import TritonOutcome
 from gateway.triton.contract import NsfwStatus
 from gateway.upload.uploader import UploadOutcome, UploadVerdict
@@ -142,8 +144,15 @@ class Metrics:
         )
         self.deepfake_attempts = Counter(
             "gateway_deepfake_api_attempts",
-            f"Calls to the deepfake API, by outcome ({_words(DeepfakeAttemptOutcome)}).",
+            f"Calls to the deepfake API, by outcome ({_words(ApiOutcome)}).",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.deepfake_assets = Counter(
+            "gateway_deepfake_assets",
+            "Images sent to the deepfake API through NVCF's asset upload (over the inline limit), "
+            f"by result ({_words(AssetResult)}).",
+            ["result"],
             registry=self.registry,
         )
         self.moderation_latency = Histogram(

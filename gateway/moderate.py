@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from gateway import deepfake
-from gateway.deepfake import DeepfakeStatus, deepfake_unavailable
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.fields import FieldSpec, check_fields, parse_body
 from gateway.imaging import DecodedImage, ImageRejected, decode_image, encode_jpeg
+from gateway.nvidia import deepfake
+from gateway.nvidia.deepfake import DeepfakeStatus, deepfake_unavailable
 from gateway.schema import described
 from gateway.services import Services
 from gateway.settings import Settings

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import urllib3
 
-from gateway.deepfake import DeepfakeClient, deepfake_unavailable
 from gateway.limits import LimitsSource
 from gateway.metrics import Metrics
+from gateway.nvidia.deepfake import DeepfakeClient, deepfake_unavailable
 from gateway.settings import Settings
 from gateway.triton.client import TritonGateway
 from gateway.upload.uploader import Uploader

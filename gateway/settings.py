@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 # The model names only: the contract imports no gRPC at module level (gunicorn's master reads
 # the settings before forking its workers).
+from gateway.nvidia.api import INLINE_LIMIT_CHARS, INLINE_MAX_BYTES
 from gateway.triton.contract import Model
 
 PREFIX = "GATEWAY_"
@@ -248,6 +249,12 @@ class Settings:
         "NVIDIA's hosted deepfake-image-detection endpoint.",
         default="https://ai.api.nvidia.com/v1/cv/hive/deepfake-image-detection",
     )
+    nvidia_assets_url: str = _setting(
+        "NVIDIA_ASSETS_URL",
+        _parse_http_url,
+        "NVIDIA Cloud Functions' assets endpoint, for images over the inline limit.",
+        default="https://api.nvcf.nvidia.com/v2/nvcf/assets",
+    )
     nvidia_api_key: str | None = _setting(
         "NVIDIA_API_KEY",
         _parse_secret,
@@ -267,9 +274,16 @@ class Settings:
         "DEEPFAKE_MAX_IMAGE_BYTES",
         int,
         "Largest image sent to the deepfake API (bytes); larger ones are not sent (status "
-        "`too_large`). The default is the largest whose base64 stays under NVIDIA's inline "
-        "limit of 180000 characters.",
-        default=134997,
+        "`too_large`).",
+        default=10 * 1024 * 1024,
+    )
+    deepfake_inline_max_bytes: int = _setting(
+        "DEEPFAKE_INLINE_MAX_BYTES",
+        int,
+        "Largest image sent inline (bytes); larger ones go through NVCF's asset upload. The "
+        f"default is the largest whose base64 stays under NVIDIA's inline limit of "
+        f"{INLINE_LIMIT_CHARS} characters.",
+        default=INLINE_MAX_BYTES,
     )
     moderate_max_bytes: int = _setting(
         "MODERATE_MAX_BYTES", int, "Largest image accepted by `/moderate` (bytes).", default=10485760
@@ -380,6 +394,10 @@ class Settings:
             (self.max_guidance_scale > 0, f"{PREFIX}MAX_GUIDANCE_SCALE must be > 0"),
             (self.deepfake_budget_s > 0, f"{PREFIX}DEEPFAKE_BUDGET_S must be > 0"),
             (self.deepfake_max_image_bytes >= 1, f"{PREFIX}DEEPFAKE_MAX_IMAGE_BYTES must be >= 1"),
+            (
+                1 <= self.deepfake_inline_max_bytes <= INLINE_MAX_BYTES,
+                f"{PREFIX}DEEPFAKE_INLINE_MAX_BYTES must be in 1..{INLINE_MAX_BYTES}, NVIDIA's limit",
+            ),
             (self.moderate_max_bytes >= 1024, f"{PREFIX}MODERATE_MAX_BYTES must be >= 1024"),
             (self.moderate_max_pixels >= 1, f"{PREFIX}MODERATE_MAX_PIXELS must be >= 1"),
             (0 < self.port < 65536, f"{PREFIX}PORT must be in 1..65535"),

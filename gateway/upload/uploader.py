@@ -128,7 +128,11 @@ class Uploader:
         self.metrics = metrics
         self._sleep = sleep
 
-    def put(self, target: PinnedUrl, body: bytes, md5_hex: str) -> UploadResult:
+    def put(
+        self, target: PinnedUrl, body: bytes, md5_hex: str, budget_s: float | None = None
+    ) -> UploadResult:
+        """PUT `body`, retried per the policy (and, with `budget_s`, never past that many
+        seconds from now); storage's ETag, when an MD5, must be `md5_hex`."""
         if not isinstance(target, PinnedUrl):  # a caller past the type checker connects nowhere
             raise TypeError("the upload target has no checked address: pin() it first")
         attempts: list[Attempt] = []
@@ -154,7 +158,7 @@ class Uploader:
                 )
             return result
 
-        self.policy.retrying(lambda attempt: attempt.retryable, self._sleep)(attempt)
+        self.policy.retrying(lambda attempt: attempt.retryable, self._sleep, budget_s)(attempt)
         outcome = UploadResult(tuple(attempts))
         if self.metrics:
             self.metrics.uploads.labels(outcome.verdict.value, outcome.status_class).inc()

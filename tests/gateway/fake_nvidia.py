@@ -11,12 +11,18 @@ Request: `POST /v1/cv/hive/deepfake-image-detection`, `Authorization: Bearer <ke
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
-from dataclasses import dataclass
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.gateway.faults import Received, Respond
+from tests.gateway.faults import CLOSE, HANG, Action, Received, Respond
+from tests.httpserver import BackgroundHTTPServer
 
 API_PATH = "/v1/cv/hive/deepfake-image-detection"
 API_KEY = "nvapi-TEST-k3y-0123456789abcdef"
@@ -76,3 +82,196 @@ def sent(received: Received) -> Sent:
         authorization=received.headers["Authorization"],
         content_type=received.headers["Content-Type"],
     )
+
+
+# NVCF's asset flow (NVCF user guide, "Asset Management"), served by `FakeNvcf`.
+ASSETS_PATH = "/v2/nvcf/assets"
+UPLOAD_PATH = "/s3/nvcf-assets/"  # where its presigned upload URLs point
+NORMAL = "normal"  # a script action: behave as documented
+EXPIRED = "expired"  # an upload action: answer 200 but keep nothing (the asset cannot be fetched)
+STEPS = ("create", "upload", "detect", "delete")
+
+
+def problem(status: int, detail: str) -> Respond:
+    """NVCF's error shape (RFC 7807 problem details)."""
+    return json_response(
+        {"type": "urn:nvcf-worker-service:problem-details:bad-request", "title": "Bad Request",
+         "status": status, "detail": detail},
+        status,
+    )
+
+
+@dataclass
+class StoredAsset:
+    content_type: str
+    description: str
+    signature: str
+    data: bytes | None = None
+
+
+@dataclass
+class FakeNvcf(BackgroundHTTPServer):
+    """NVIDIA's deepfake API with NVCF's asset flow, both as documented:
+
+    - `POST /v2/nvcf/assets` `{"contentType", "description"}` (bearer key) ->
+      `{"assetId", "uploadUrl", "contentType", "description"}`;
+    - `PUT` to the presigned `uploadUrl` (no key; `Content-Type` and
+      `x-amz-meta-nvcf-asset-description` as declared, or S3's 403 SignatureDoesNotMatch);
+    - `POST /v1/cv/hive/deepfake-image-detection` with `data:<mime>;base64,…` or
+      `data:<mime>;asset_id,<id>` plus `NVCF-INPUT-ASSET-REFERENCES: <id>`: `verdict` for a
+      readable JPEG or PNG, a 400 problem when the asset cannot be fetched;
+    - `DELETE /v2/nvcf/assets/<id>` -> 204.
+
+    Each step has a script like FaultServer's (an int status, a `Respond`, HANG, CLOSE, NORMAL;
+    EXPIRED for uploads), the last action repeating; every request is recorded with its step.
+    """
+
+    host: str = "127.0.0.1"
+    verdict: Respond = field(default_factory=lambda: faces(0.87))
+    scripts: dict[str, list[Action]] = field(default_factory=dict)
+    requests: list[tuple[str, Received]] = field(default_factory=list)
+    assets: dict[str, StoredAsset] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._taken = {step: 0 for step in STEPS}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                received = Received(
+                    self.command, self.path, dict(self.headers.items()),
+                    self.rfile.read(length) if length else b"", time.monotonic(),
+                )
+                step = fake._step(received)
+                action = fake._next(step) if step else NORMAL
+                if action == HANG:
+                    fake._released.wait(60)
+                    self.close_connection = True
+                    return
+                if action == CLOSE:
+                    self.close_connection = True
+                    return
+                reply = fake._answer(step, received, action)
+                if reply.delay_s:
+                    fake._released.wait(reply.delay_s)
+                self.send_response(reply.status)
+                if reply.etag is not None and 200 <= reply.status < 300:
+                    self.send_header("ETag", f'"{hashlib.md5(received.body).hexdigest()}"')
+                for name, value in reply.headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            do_PUT = do_POST = do_DELETE = do_GET = _handle
+
+        self._listen(Handler)
+
+    def set_script(self, step: str, *actions: Action) -> None:
+        with self._lock:
+            self.scripts[step] = list(actions)
+            self._taken[step] = 0
+
+    def sent(self, step: str) -> list[Received]:
+        return [r for s, r in self.requests if s == step]
+
+    def stop(self) -> None:
+        self._released.set()
+        super().stop()
+
+    def _step(self, received: Received) -> str | None:
+        path = received.target.split("?", 1)[0]
+        if received.method == "POST" and path == ASSETS_PATH:
+            step = "create"
+        elif received.method == "PUT" and path.startswith(UPLOAD_PATH):
+            step = "upload"
+        elif received.method == "POST" and path == API_PATH:
+            step = "detect"
+        elif received.method == "DELETE" and path.startswith(f"{ASSETS_PATH}/"):
+            step = "delete"
+        else:
+            step = None
+        with self._lock:
+            self.requests.append((step or "unknown", received))
+        return step
+
+    def _next(self, step: str) -> Action:
+        with self._lock:
+            script = self.scripts.get(step) or [NORMAL]
+            action = script[min(self._taken[step], len(script) - 1)]
+            self._taken[step] += 1
+            return action
+
+    def _answer(self, step: str | None, received: Received, action: Action) -> Respond:
+        if action not in (NORMAL, EXPIRED):
+            return action if isinstance(action, Respond) else Respond(int(action), etag=None)
+        if step is None:
+            return problem(404, "no such path")
+        if step != "upload" and received.headers.get("Authorization") != f"Bearer {API_KEY}":
+            return problem(401, "invalid key")
+        return {"create": self._create, "upload": self._upload, "detect": self._detect,
+                "delete": self._delete}[step](received, action)
+
+    def _create(self, received: Received, action: Action) -> Respond:
+        try:
+            body = json.loads(received.body)
+            content_type, description = body["contentType"], body["description"]
+        except (ValueError, KeyError, TypeError):
+            return problem(400, "contentType and description are required")
+        asset_id, signature = str(uuid.uuid4()), uuid.uuid4().hex
+        with self._lock:
+            self.assets[asset_id] = StoredAsset(content_type, description, signature)
+        upload_url = (f"{self.url}{UPLOAD_PATH}{asset_id}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+                      f"&X-Amz-Expires=3600&X-Amz-Signature={signature}")
+        return json_response({"assetId": asset_id, "uploadUrl": upload_url,
+                              "contentType": content_type, "description": description})
+
+    def _upload(self, received: Received, action: Action) -> Respond:
+        path, _, query = received.target.partition("?")
+        asset = self.assets.get(path.removeprefix(UPLOAD_PATH))
+        signed = asset is not None and f"X-Amz-Signature={asset.signature}" in query.split("&")
+        headers = {k.lower(): v for k, v in received.headers.items()}
+        if (
+            asset is None
+            or not signed
+            or "authorization" in headers  # a presigned URL takes no other credential
+            or headers.get("content-type") != asset.content_type
+            or headers.get("x-amz-meta-nvcf-asset-description") != asset.description
+        ):
+            return Respond(403, body=b"<Error><Code>SignatureDoesNotMatch</Code></Error>",
+                           etag=None)
+        if action != EXPIRED:
+            asset.data = received.body
+        return Respond(200)
+
+    def _detect(self, received: Received, action: Action) -> Respond:
+        body = json.loads(received.body)
+        [item] = body["input"]
+        inline = re.fullmatch(r"data:(image/[a-z]+);base64,([A-Za-z0-9+/]*={0,2})", item)
+        by_asset = re.fullmatch(r"data:(image/[a-z]+);asset_id,([0-9a-f-]+)", item)
+        if inline:
+            image = base64.b64decode(inline[2])
+        elif by_asset:
+            references = received.headers.get("NVCF-INPUT-ASSET-REFERENCES", "").split(",")
+            asset = self.assets.get(by_asset[2])
+            if by_asset[2] not in references or asset is None or asset.data is None:
+                return problem(400, f"asset {by_asset[2]} cannot be fetched")
+            image = asset.data
+        else:
+            return problem(400, "input is not a data URL")
+        if not image.startswith((b"\xff\xd8", b"\x89PNG")):
+            return problem(422, "input is not a JPEG or PNG image")
+        return self.verdict
+
+    def _delete(self, received: Received, action: Action) -> Respond:
+        with self._lock:
+            found = self.assets.pop(received.target.removeprefix(f"{ASSETS_PATH}/"), None)
+        return Respond(204, etag=None) if found else problem(404, "no such asset")

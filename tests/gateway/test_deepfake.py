@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import urllib3
 
-from gateway.deepfake import DEFAULT_POLICY, DeepfakeClient, DeepfakeResult
 from gateway.imaging import encode_jpeg
 from gateway.metrics import Metrics
+from gateway.nvidia.deepfake import DEFAULT_POLICY, DeepfakeClient, DeepfakeResult
 from gateway.retry import RetryPolicy
 from tests.gateway.fake_nvidia import (
     API_ERROR,

@@ -12,24 +12,24 @@ import pytest
 import referencing
 from flask.testing import FlaskClient
 
-from gateway.deepfake import DeepfakeStatus
 from gateway.errors import ErrorBody, ErrorDetail
 from gateway.generate import B64Data, S3Data
 from gateway.limits import GenerationLimits
 from gateway.moderate import ModerateData
+from gateway.nvidia.deepfake import DeepfakeStatus
 from gateway.readiness import ModelState, Readiness, ReadinessStatus, TritonState
 from gateway.schema import described, schemas, to_json
 from gateway.settings import Settings
 from gateway.triton.contract import NsfwStatus
 
 HASH = "d41d8cd98f00b204e9800998ecf8427e"
-SCORES = {"nsfw_score": 0.1, "image_hash": HASH, "nsfw_status": NsfwStatus.OK,
+SCORES = {"nsfw_score": 0.1, "image_hash": HASH, "nsfw": False, "nsfw_status": NsfwStatus.OK,
           "deepfake_score": 0.9, "deepfake_status": DeepfakeStatus.OK}
 # One body of each type the views serialise, every optional field set.
 FULL = [
     S3Data(s3_url="https://s.test/b/x.jpg?Signature=1", s3_upload_status=200, **SCORES),
     B64Data(b64_json="/9j/", **SCORES),
-    ModerateData(HASH, 0.2, NsfwStatus.TIMEOUT, 1.0, DeepfakeStatus.TOO_LARGE),
+    ModerateData(HASH, 0.2, True, NsfwStatus.TIMEOUT, 1.0, DeepfakeStatus.TOO_LARGE),
     ErrorBody(ErrorDetail("upload_failed", "upload failed", "s3_prefix"),
               to_json(S3Data(s3_url="u", s3_upload_status=None, **SCORES))),
     Readiness(ReadinessStatus.READY, TritonState("127.0.0.1:8001", True, True),
@@ -70,9 +70,9 @@ def test_a_full_body_validates_against_the_served_document(
 
 def test_none_is_left_out_or_sent_as_null_as_each_field_says() -> None:
     body = to_json(S3Data(s3_url="u", nsfw_score=None, image_hash=HASH, s3_upload_status=None,
-                          nsfw_status=None, deepfake_score=None, deepfake_status=None))
+                          nsfw=None, nsfw_status=None, deepfake_score=None, deepfake_status=None))
     assert body == {"s3_url": "u", "nsfw_score": None, "image_hash": HASH,
-                    "s3_upload_status": None}
+                    "s3_upload_status": None, "nsfw": None}
 
 
 def test_a_field_added_to_a_response_type_appears_in_its_schema() -> None:

@@ -107,9 +107,12 @@ def test_the_deepfake_settings() -> None:
     s = Settings.from_env({})
     assert s.nvidia_api_url == "https://ai.api.nvidia.com/v1/cv/hive/deepfake-image-detection"
     assert (s.nvidia_api_key, s.deepfake_budget_s) == (None, 10.0)
-    # The largest image whose base64 stays under NVIDIA's inline limit (< 180000 characters).
-    assert len(base64.b64encode(bytes(s.deepfake_max_image_bytes))) < 180_000
-    assert len(base64.b64encode(bytes(s.deepfake_max_image_bytes + 1))) >= 180_000
+    # The largest image whose base64 stays under NVIDIA's inline limit (< 180000 characters);
+    # larger ones go through NVCF's assets, up to the maximum.
+    assert len(base64.b64encode(bytes(s.deepfake_inline_max_bytes))) < 180_000
+    assert len(base64.b64encode(bytes(s.deepfake_inline_max_bytes + 1))) >= 180_000
+    assert s.nvidia_assets_url == "https://api.nvcf.nvidia.com/v2/nvcf/assets"
+    assert s.deepfake_max_image_bytes == 10 * 1024 * 1024
     s = Settings.from_env(
         {
             "GATEWAY_NVIDIA_API_URL": "http://127.0.0.1:9/v1/cv/hive/deepfake-image-detection",
@@ -126,6 +129,8 @@ def test_the_deepfake_settings() -> None:
     [
         ("GATEWAY_NVIDIA_API_URL", "ai.api.nvidia.com/v1"),
         ("GATEWAY_DEEPFAKE_BUDGET_S", "0"),
+        ("GATEWAY_DEEPFAKE_INLINE_MAX_BYTES", "134998"),
+        ("GATEWAY_NVIDIA_ASSETS_URL", "api.nvcf.nvidia.com/v2/nvcf/assets"),
         ("GATEWAY_DEEPFAKE_MAX_IMAGE_BYTES", "0"),
         ("GATEWAY_MODERATE_MAX_BYTES", "10"),
         ("GATEWAY_MODERATE_MAX_PIXELS", "0"),

@@ -67,7 +67,7 @@ def test_the_uploaded_jpeg_is_checked(
     response = deepfake_client.post("/generate", json=checked(fault_server, enable_nsfw_check=True))
     assert response.status_code == 200, response.json
     data = response.json["data"]
-    assert list(data) == ["s3_url", "nsfw_score", "image_hash", "s3_upload_status", "nsfw_status",
+    assert list(data) == ["s3_url", "nsfw_score", "image_hash", "s3_upload_status", "nsfw", "nsfw_status",
                           "deepfake_score", "deepfake_status"]
     assert (data["deepfake_score"], data["deepfake_status"]) == (score, status)
     assert data["s3_upload_status"] == 200

@@ -71,7 +71,8 @@ def test_the_specs_example_request(triton_client: FlaskClient, s3: LocalS3) -> N
     assert response.status_code == 200, response.json
     data = response.json["data"]
     assert list(response.json) == ["data"]
-    assert list(data) == ["s3_url", "nsfw_score", "image_hash", "s3_upload_status", "nsfw_status"]
+    assert list(data) == ["s3_url", "nsfw_score", "image_hash", "s3_upload_status", "nsfw",
+                          "nsfw_status"]
     image_hash = data["image_hash"]
     assert len(image_hash) == 32 and int(image_hash, 16) >= 0
     assert data["s3_url"] == s3_prefix.replace("/1.png?", f"/{image_hash}.jpg?")
@@ -174,7 +175,7 @@ def test_b64_json_returns_the_jpeg_inline_and_uploads_nothing(
     )
     assert response.status_code == 200, response.json
     data = response.json["data"]
-    assert set(data) == {"b64_json", "nsfw_score", "image_hash", "nsfw_status"}
+    assert set(data) == {"b64_json", "nsfw_score", "image_hash", "nsfw", "nsfw_status"}
     jpeg = base64.b64decode(data["b64_json"], validate=True)
     assert hashlib.md5(jpeg).hexdigest() == data["image_hash"]
     assert jpeg_size(jpeg) == (128, 128)

@@ -66,7 +66,7 @@ def test_the_score_is_the_models_own(
         response = triton_client.post("/moderate", **send(data))
         assert response.status_code == 200, response.json
         body = response.json["data"]
-        assert list(body) == ["image_hash", "nsfw_score", "nsfw_status"]
+        assert list(body) == ["image_hash", "nsfw_score", "nsfw", "nsfw_status"]
         assert (body["nsfw_score"], body["nsfw_status"]) == model_score(triton, data)
         assert body["image_hash"] == hashlib.md5(data).hexdigest()
         scores.append(body["nsfw_score"])

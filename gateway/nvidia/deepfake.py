@@ -2,15 +2,17 @@
 
 One POST per check: `{"input": ["data:image/jpeg;base64,…"], "return_image": false}` with a
 bearer key; the answer is `{"data": [{"status", "bounding_boxes": [{"is_deepfake": p, …}]}]}`.
-The reference moderation block this replaces read the first face only, reported "no face" and a
-failure alike as 0.0, had no timeout and sent whatever it was given. Here:
+An image over the inline limit goes through NVCF's asset upload first (`gateway.nvidia.assets`)
+and is referenced as `data:image/jpeg;asset_id,<id>`. The reference moderation block this
+replaces read the first face only, reported "no face" and a failure alike as 0.0, had no timeout
+and sent whatever it was given. Here:
 
 - the score is the highest `is_deepfake` over all faces; no face is `no_face` with 0.0;
 - anything short of a clean answer (a failure, the budget running out, CONTENT_FILTERED, an
-  image too large to send inline) scores 1.0, the NSFW check's fail-safe: a score nobody
+  image over the configured maximum) scores 1.0, the NSFW check's fail-safe: a score nobody
   measured must not read as clean;
-- one budget bounds the whole check, retries on 429 and 5xx with backoff included, and the
-  caller never waits longer than that budget;
+- one budget bounds the whole check, asset upload and retries on 429 and 5xx with backoff
+  included, and the caller never waits longer than that budget;
 - the key travels in the Authorization header only: never in a log line, metric or message.
 """
 
@@ -22,6 +24,7 @@ import enum
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -31,14 +34,19 @@ from typing import TYPE_CHECKING, Any
 import urllib3
 
 from gateway.errors import InvalidRequest
+from gateway.nvidia.api import INLINE_MAX_BYTES, ApiOutcome, NvidiaApi, Reply
+from gateway.nvidia.assets import AssetFailed, AssetResult, NvcfAssets
 from gateway.retry import RetryPolicy
 from gateway.settings import PREFIX
+from gateway.upload.egress import Resolve, system_resolve
 
 if TYPE_CHECKING:  # metrics imports this module for its label words
     from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# Within the default 10 s budget: 4 attempts, the last starting 3.5 s after the first.
+DEFAULT_POLICY = RetryPolicy(backoff=(0.5, 1.0, 2.0))
 
 
 class DeepfakeStatus(str, enum.Enum):
@@ -52,26 +60,6 @@ class DeepfakeStatus(str, enum.Enum):
     ERROR = "error"
 
 
-class DeepfakeAttemptOutcome(str, enum.Enum):
-    """How one call of the API ended (the label of gateway_deepfake_api_attempts_total)."""
-
-    OK = "ok"
-    HTTP_429 = "http_429"
-    HTTP_5XX = "http_5xx"
-    HTTP_4XX = "http_4xx"
-    REDIRECT = "redirect"
-    PENDING = "pending"  # NVCF's 202: still running, poll later (not followed up)
-    TIMEOUT = "timeout"
-    CONNECTION_ERROR = "connection_error"
-    BAD_RESPONSE = "bad_response"  # a 2xx outside the documented shape
-
-# Within the default 10 s budget: 4 attempts, the last starting 3.5 s after the first.
-DEFAULT_POLICY = RetryPolicy(backoff=(0.5, 1.0, 2.0))
-_USER_AGENT = "imagegen-gateway/0.1"
-# With return_image false the answer is a few hundred bytes; a flood is not an answer.
-_MAX_RESPONSE_BYTES = 1 << 20
-
-
 # How the two response fields are documented, on /generate and /moderate alike.
 SCORE_DOC = (
     "Highest is_deepfake over all faces (NVIDIA's deepfake detection); 0.0 with no_face; 1.0 "
@@ -79,7 +67,8 @@ SCORE_DOC = (
 )
 STATUS_DOC = (
     "too_large: not sent (over GATEWAY_DEEPFAKE_MAX_IMAGE_BYTES); timeout: past "
-    "GATEWAY_DEEPFAKE_BUDGET_S. Present only when enable_deepfake_check is true."
+    "GATEWAY_DEEPFAKE_BUDGET_S, asset upload included. Present only when enable_deepfake_check "
+    "is true."
 )
 
 
@@ -100,28 +89,6 @@ class DeepfakeResult:
     @classmethod
     def failed(cls, status: DeepfakeStatus) -> DeepfakeResult:
         return cls(1.0, status)
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    number: int
-    outcome: DeepfakeAttemptOutcome
-    result: DeepfakeResult
-    http_status: int | None = None
-    retryable: bool = False
-
-
-_Out = DeepfakeAttemptOutcome
-
-
-def _failed(
-    number: int,
-    outcome: DeepfakeAttemptOutcome,
-    status: DeepfakeStatus,
-    http_status: int | None = None,
-    retryable: bool = False,
-) -> _Attempt:
-    return _Attempt(number, outcome, DeepfakeResult.failed(status), http_status, retryable)
 
 
 class PendingCheck:
@@ -167,20 +134,38 @@ class DeepfakeClient:
         policy: RetryPolicy = DEFAULT_POLICY,
         metrics: Metrics | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        assets_url: str | None = None,
+        inline_max_bytes: int = INLINE_MAX_BYTES,
+        ssl_context: ssl.SSLContext | None = None,
+        resolve: Resolve = system_resolve,
     ) -> None:
+        """`assets_url` None: images over `inline_max_bytes` are not sent (too_large)."""
         self.url = url
-        self._api_key = api_key
         self.budget_s = budget_s
         self.max_image_bytes = max_image_bytes
-        self.http = http
+        self.inline_max_bytes = inline_max_bytes
         self.executor = executor
-        self.policy = policy
         self.metrics = metrics
-        self._sleep = sleep
+        self.api = NvidiaApi(api_key=api_key, http=http, policy=policy, sleep=sleep)
+        self.assets = (
+            None
+            if assets_url is None
+            else NvcfAssets(
+                url=assets_url,
+                api=self.api,
+                policy=policy,
+                ssl_context=ssl_context,
+                resolve=resolve,
+                sleep=sleep,
+            )
+        )
+
+    def __repr__(self) -> str:  # the key stays out
+        return f"DeepfakeClient(url={self.url!r}, budget_s={self.budget_s})"
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.http.clear()
+        self.api.http.clear()
 
     def start(self, image: bytes, mime: str = "image/jpeg") -> PendingCheck:
         """Start checking `image` (its bytes exactly as stored or received) in the background."""
@@ -190,97 +175,79 @@ class DeepfakeClient:
         return PendingCheck(future, started, deadline, self.metrics)
 
     def _check(self, image: bytes, mime: str, deadline: float) -> DeepfakeResult:
-        if len(image) > self.max_image_bytes:
-            log.warning(
-                "deepfake check skipped: the image is %d bytes, the API takes at most %d inline",
-                len(image),
-                self.max_image_bytes,
-            )
-            return DeepfakeResult.failed(DeepfakeStatus.TOO_LARGE)
-        data_url = f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
-        body = json.dumps({"input": [data_url], "return_image": False}).encode("ascii")
-        attempts: list[_Attempt] = []
-
-        def attempt() -> _Attempt:
-            result = self._attempt(body, deadline, len(attempts) + 1)
-            attempts.append(result)
-            if self.metrics:
-                self.metrics.deepfake_attempts.labels(result.outcome.value).inc()
-            if result.outcome is not DeepfakeAttemptOutcome.OK:
-                log.warning(
-                    "deepfake API attempt %d: %s%s",
-                    result.number,
-                    result.outcome.value
-                    if result.http_status is None
-                    else f"HTTP {result.http_status}",
-                    "; retrying" if result.retryable else "",
-                )
-            return result
-
-        # Never start a retry that could not finish inside the budget.
-        retrying = self.policy.retrying(
-            lambda attempt: attempt.retryable, self._sleep, budget_s=deadline - time.monotonic()
-        )
         try:
-            return retrying(attempt).result
+            if len(image) > self.max_image_bytes:
+                log.warning(
+                    "deepfake check skipped: the image is %d bytes, the most sent is %d",
+                    len(image),
+                    self.max_image_bytes,
+                )
+                return DeepfakeResult.failed(DeepfakeStatus.TOO_LARGE)
+            if len(image) <= self.inline_max_bytes:
+                inline = f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
+                return self._detect(inline, {}, deadline)
+            if self.assets is None:
+                log.warning("deepfake check skipped: %d bytes is over the inline limit", len(image))
+                return DeepfakeResult.failed(DeepfakeStatus.TOO_LARGE)
+            return self._detect_asset(self.assets, image, mime, deadline)
         except Exception:
             # A bug here must cost the check (fail-safe), never the upload or the response.
             log.exception("deepfake check failed")
             return DeepfakeResult.failed(DeepfakeStatus.ERROR)
 
-    def _attempt(self, body: bytes, deadline: float, number: int) -> _Attempt:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return _failed(number, _Out.TIMEOUT, DeepfakeStatus.TIMEOUT)
+    def _detect_asset(
+        self, assets: NvcfAssets, image: bytes, mime: str, deadline: float
+    ) -> DeepfakeResult:
         try:
-            response = self.http.request(
-                "POST",
-                self.url,
-                body=body,
-                headers={
-                    "Authorization": f"Bearer {self._api_key}",
-                    "Content-Type": "application/json",
-                    "Accept": "application/json",
-                    "User-Agent": _USER_AGENT,
-                },
-                timeout=urllib3.Timeout(total=remaining),
-                retries=False,
-                redirect=False,
-                preload_content=False,
+            asset = assets.upload(image, mime, deadline)
+        except AssetFailed as failed:
+            log.warning("deepfake check: NVCF asset upload failed: %s", failed)
+            self._count_asset(failed.result)
+            timed_out = failed.result is AssetResult.TIMEOUT
+            return DeepfakeResult.failed(
+                DeepfakeStatus.TIMEOUT if timed_out else DeepfakeStatus.ERROR
             )
-            try:
-                raw = response.read(_MAX_RESPONSE_BYTES + 1)
-                if len(raw) > _MAX_RESPONSE_BYTES:
-                    response.close()  # a half-read connection must not go back to the pool
-            finally:
-                response.release_conn()
-        except urllib3.exceptions.NewConnectionError:
-            return _failed(number, _Out.CONNECTION_ERROR, DeepfakeStatus.ERROR, retryable=True)
-        except (TimeoutError, urllib3.exceptions.TimeoutError):
-            return _failed(number, _Out.TIMEOUT, DeepfakeStatus.TIMEOUT, retryable=True)
-        except (OSError, urllib3.exceptions.HTTPError):
-            return _failed(number, _Out.CONNECTION_ERROR, DeepfakeStatus.ERROR, retryable=True)
+        self._count_asset(AssetResult.OK)
+        try:
+            return self._detect(asset.data_url, asset.headers, deadline)
+        finally:
+            # Not waited for: the answer is in, and NVCF deletes the asset after 24 h anyway.
+            self.executor.submit(assets.delete, asset)
 
-        status = response.status
-        if status == 200:
-            result = None if len(raw) > _MAX_RESPONSE_BYTES else _interpret(raw)
-            if result is None:
-                return _failed(number, _Out.BAD_RESPONSE, DeepfakeStatus.ERROR, status)
-            return _Attempt(number, _Out.OK, result, status)
-        if status == 202:
-            # NVCF's "not done yet, poll with NVCF-REQID": not followed up here, so no answer.
-            return _failed(number, _Out.PENDING, DeepfakeStatus.ERROR, status)
-        if status < 300:
-            return _failed(number, _Out.BAD_RESPONSE, DeepfakeStatus.ERROR, status)
-        if 300 <= status < 400:
-            # The key must not follow a redirect to a host nobody configured.
-            return _failed(number, _Out.REDIRECT, DeepfakeStatus.ERROR, status)
-        retryable = status in self.policy.retry_statuses
-        if status == 429:
-            outcome = _Out.HTTP_429
-        else:
-            outcome = _Out.HTTP_5XX if status >= 500 else _Out.HTTP_4XX
-        return _failed(number, outcome, DeepfakeStatus.ERROR, status, retryable)
+    def _detect(self, reference: str, headers: dict[str, str], deadline: float) -> DeepfakeResult:
+        reply = self.api.call(
+            "POST",
+            self.url,
+            body={"input": [reference], "return_image": False},
+            headers=headers,
+            deadline=deadline,
+            on_attempt=self._attempted,
+        )
+        if reply.outcome is ApiOutcome.OK and reply.status == 200:
+            result = _interpret(reply.body)
+            if result is not None:
+                return result
+        if reply.outcome is ApiOutcome.TIMEOUT:
+            return DeepfakeResult.failed(DeepfakeStatus.TIMEOUT)
+        return DeepfakeResult.failed(DeepfakeStatus.ERROR)
+
+    def _attempted(self, reply: Reply) -> None:
+        outcome = reply.outcome
+        if outcome is ApiOutcome.OK and (reply.status != 200 or _interpret(reply.body) is None):
+            outcome = ApiOutcome.BAD_RESPONSE  # a 2xx, but not an answer (not retried)
+        if self.metrics:
+            self.metrics.deepfake_attempts.labels(outcome.value).inc()
+        if outcome is not ApiOutcome.OK:
+            log.warning(
+                "deepfake API attempt %d: %s%s",
+                reply.number,
+                reply.describe(),
+                "; retrying" if reply.retryable else "",
+            )
+
+    def _count_asset(self, result: AssetResult) -> None:
+        if self.metrics:
+            self.metrics.deepfake_assets.labels(result.value).inc()
 
 
 def _interpret(raw: bytes) -> DeepfakeResult | None:
