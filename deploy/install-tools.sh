@@ -1,20 +1,21 @@
 #!/bin/sh
-# The deploy tests' system tools: promtool and prometheus (Debian's `prometheus`, 2.42) for the
-# alert rules, docker-compose (Debian's 1.29) to validate docker-compose.yml.
+# The tests' system tools: promtool and prometheus (Debian's `prometheus`, 2.42) for the
+# alert rules, docker-compose (Debian's 1.29) to validate docker-compose.yml, and chromium (a
+# real browser, headless) for the /docs page.
 # `make test` runs this: it installs them with apt when they are missing and we are root.
 # When it cannot, it says so and lets the tests run: those that need a tool fail naming it.
 set -u
 
 missing=""
-for tool in promtool prometheus docker-compose; do
+for tool in promtool prometheus docker-compose chromium; do
     command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
 done
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "deploy/install-tools.sh: missing:$missing; not root or no apt-get, so not installed." \
-         "Install the Debian packages prometheus and docker-compose; until then the deploy" \
-         "tests fail." >&2
+         "Install the Debian packages prometheus, docker-compose and chromium; until then the" \
+         "tests that use them fail." >&2
     exit 0
 fi
 
@@ -27,7 +28,8 @@ if [ ! -e "$policy" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 status=0
-apt-get update -q && apt-get install -y -q --no-install-recommends prometheus docker-compose \
+echo "deploy/install-tools.sh: installing$missing with apt (first time: a minute or two)"
+apt-get update -q && apt-get install -y -q --no-install-recommends prometheus docker-compose chromium \
     || status=$?
 [ -z "$added_policy" ] || rm -f "$policy"
 # Under systemd, units can start whatever policy-rc.d says.

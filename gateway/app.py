@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import urllib3
 from flask import Flask, Response, g, request
 
-from gateway import views
+from gateway import docs, views
 from gateway.auth import ApiKeys, require_api_key
 from gateway.backpressure import limit_in_flight
 from gateway.errors import register_error_handlers
@@ -73,6 +73,7 @@ def create_app(config: Settings | None = None) -> Flask:
         app, limit=settings.max_in_flight, retry_after_s=settings.retry_after_s, metrics=metrics
     )
     app.register_blueprint(views.bp)
+    app.register_blueprint(docs.bp)
     _count_requests(app, metrics)
     return app
 

@@ -20,9 +20,10 @@ from gateway.settings import PREFIX, Settings, SettingsError, parse_api_keys
 
 log = logging.getLogger(__name__)
 
-# Probes and scrapes carry no key; the API description holds nothing secret.
+# Probes and scrapes carry no key; the API description and its page hold nothing secret.
 OPEN_ENDPOINTS = frozenset(
-    {"gateway.healthz", "gateway.readyz", "gateway.metrics", "gateway.openapi"}
+    {"gateway.healthz", "gateway.readyz", "gateway.metrics", "gateway.openapi", "docs.page",
+     "docs.page_with_slash", "docs.asset"}
 )
 
 

@@ -154,6 +154,7 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                 "post": {
                     "summary": "Score an existing image: the NSFW model and, when asked, "
                     "NVIDIA's deepfake detection.",
+                    "security": [{"bearer": []}] if _auth_enabled(settings) else [],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -196,6 +197,9 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                 "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}}}}},
             "/openapi.json": {"get": {"summary": "This document.",
                                       "responses": {"200": {"description": "OpenAPI 3.1."}}}},
+            "/docs": {"get": {"summary": "This document in Swagger UI, with Try it out.",
+                              "responses": {"200": {"description": "HTML.",
+                                                    "content": {"text/html": {}}}}}},
         },
         "components": {
             "securitySchemes": {

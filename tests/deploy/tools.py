@@ -15,6 +15,7 @@ PACKAGES = {
     "promtool": "prometheus",
     "prometheus": "prometheus",
     "docker-compose": "docker-compose",
+    "chromium": "chromium",
 }
 CHECKOV_REQUIREMENTS = Path(__file__).with_name("checkov-requirements.txt")
 

@@ -45,11 +45,14 @@ def test_every_configured_key_gets_in(app: Flask, key: str) -> None:
 
 def test_probes_metrics_and_the_api_description_are_open(app: Flask) -> None:
     client = app.test_client()
-    assert OPEN_ENDPOINTS == {"gateway.healthz", "gateway.readyz", "gateway.metrics", "gateway.openapi"}
+    assert OPEN_ENDPOINTS == {"gateway.healthz", "gateway.readyz", "gateway.metrics", "gateway.openapi",
+                              "docs.page", "docs.page_with_slash", "docs.asset"}
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 503  # open, and Triton is a dead port here
     assert client.get("/metrics").status_code == 200
     assert client.get("/openapi.json").status_code == 200
+    assert client.get("/docs").status_code == 200
+    assert client.get("/docs/assets/docs.js").status_code == 200
 
 
 def test_unknown_paths_and_methods_need_a_key_too(app: Flask) -> None:
