@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "Installing the project and its dependencies into $(VENV) (first time: about 2-3 minutes; then skipped until pyproject.toml changes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 
 # Small random-weight demo models, built offline; skipped for what is already there.
 models: $(STAMP)
-	$(BIN)/python -m export.demo_models
+	@$(BIN)/python -m export.demo_models
 
 # promtool, prometheus and docker-compose for tests/deploy: apt-get as root when missing.
 # checkov in a virtualenv of its own: its exact pins would downgrade the project's packages.

@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         "s3_prefix": s3_prefix,
         "enable_nsfw_check": "true" if args.nsfw else "false",
     }
-    print(f"POST {args.gateway}/generate  ({args.width}x{args.height}, {args.steps} steps)")
+    print(
+        f"POST {args.gateway}/generate  ({args.width}x{args.height}, {args.steps} steps; "
+        "with the demo models on 2 cores this takes a few seconds)"
+    )
     try:
         status, response = _post_json(f"{args.gateway}/generate", body, args.timeout, args.api_key)
     except (urllib.error.URLError, OSError) as exc:
@@ -122,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL: {problem}")
     if problems:
         return 1
-    print(f"OK: downloaded {len(stored)} bytes from s3_url; MD5 {digest} == image_hash")
+    print(
+        f"OK: downloaded {len(stored)} bytes from s3_url, named {{image_hash}}.jpg; their MD5 "
+        f"{digest} is image_hash; a {expected[0]}x{expected[1]} JPEG as asked "
+        f"({args.width}x{args.height}{', upscaled 2x' if args.upscale else ''})"
+    )
     return 0
 
 
