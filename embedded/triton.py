@@ -19,6 +19,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embedded.drain import DEFAULT_DRAIN_TIMEOUT_S
 from embedded.process import ManagedProcess, ProcessStartError, free_port
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,13 @@ def prepare_backends(workdir: Path) -> Path:
 
 @dataclass
 class TritonServer(ManagedProcess):
-    """One tritonserver process; usable as a context manager that waits until it is ready.
+    """One tritonserver, under the drain supervisor (embedded/drain.py) as in the container;
+    usable as a context manager that waits until it is ready.
 
-    stop() sends SIGTERM (Triton unloads its models and stops their stubs), then SIGKILLs
-    whatever is left in its session."""
+    stop() sends the supervisor SIGTERM, which drains Triton (the requests it holds finish,
+    new ones are refused) and stops it, then SIGKILLs whatever is left in its session. The
+    process group holds the supervisor, Triton and the backend stubs, so killing the group is
+    a crash of the whole replica."""
 
     name = "tritonserver"
     start_error = TritonStartError
@@ -76,6 +80,10 @@ class TritonServer(ManagedProcess):
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # How long a stop waits for the requests Triton holds (the supervisor's drain), then how
+    # long Triton itself waits for what is left (direct calls to one model) once signalled.
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    exit_timeout_s: int = 20
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -105,9 +113,17 @@ class TritonServer(ManagedProcess):
         )
         return server.launch()
 
+    @property
+    def stop_timeout_s(self) -> float:  # type: ignore[override]  # a class attribute there
+        return self.drain_timeout_s + self.exit_timeout_s + 10
+
     def command(self) -> list[str]:
         server_dir, _ = _pytriton_dist()
         return [
+            # By path, as the container runs it: nothing to import from this project.
+            sys.executable, str(Path(__file__).with_name("drain.py")),
+            f"--drain-timeout={self.drain_timeout_s:g}",
+            "--",
             str(server_dir / "bin" / "tritonserver"),
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={prepare_backends(Path(self.workdir))}",
@@ -118,7 +134,7 @@ class TritonServer(ManagedProcess):
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--allow-cpu-metrics=true",
-            "--exit-timeout-secs=20",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             *self.extra_args,
         ]
 
