@@ -47,6 +47,7 @@ def create_app(config: Settings | None = None) -> Flask:
         http=http,
         metrics=metrics,
         queue_timeout_s=settings.triton_queue_timeout_s,
+        refresh_s=settings.triton_refresh_s,
     )
     app.extensions["gateway"] = Services(
         settings=settings,
