@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 DEFAULT_WORKDIR = PROJECT_ROOT / ".run" / "triton"
+
+
+# Python 3.11's sysconfig fills its variables on first use without a lock: a second thread can
+# read them half-filled, without LIBDIR (seen here: one of two replicas started at once loaded
+# the system's libpython and failed on `import ssl`).
+_SYSCONFIG_LOCK = threading.Lock()
 
 
 class TritonStartError(ProcessStartError):
@@ -145,7 +152,8 @@ class TritonServer(ManagedProcess):
         # The stub links libpython3.X.so by soname; without this it may find the system's copy
         # (Debian's 3.11.2 here), older than this interpreter's stdlib extensions, and `import ssl`
         # fails with an undefined symbol. This interpreter's own libpython goes first.
-        own_libpython = sysconfig.get_config_var("LIBDIR") or ""
+        with _SYSCONFIG_LOCK:
+            own_libpython = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (own_libpython, str(libs), env.get("LD_LIBRARY_PATH", "")) if p
         )
