@@ -24,7 +24,7 @@ class ReadinessStatus(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class ReplicaState:
+class ReplicaReadiness:
     address: str = described("The replica's address, as GATEWAY_TRITON_URL resolves now.")
     live: bool = described("It answers.")
     ready: bool = described("It says it is ready (false while it drains).")
@@ -37,7 +37,7 @@ class TritonState:
     url: str = described("GATEWAY_TRITON_URL.")
     live: bool = described("Some replica answers.")
     ready: bool = described("Some replica says it is ready.")
-    replicas: list[ReplicaState] = described(
+    replicas: list[ReplicaReadiness] = described(
         "Every replica behind GATEWAY_TRITON_URL; calls go to the ready ones."
     )
 
@@ -95,7 +95,7 @@ def check_readiness(services: Services) -> Readiness:
             live=health.live,
             ready=health.ready,
             replicas=[
-                ReplicaState(r.address, r.live, r.ready, r.all_ready, r.problem)
+                ReplicaReadiness(r.address, r.live, r.ready, r.all_ready, r.problem)
                 for r in health.replicas
             ],
         ),
