@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_MIN_REFRESH_GAP_S = 1.0
 
 
 class ReplicaState(str, enum.Enum):
@@ -144,10 +147,16 @@ class ReplicaSet:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            started = time.monotonic()
             try:
                 self.refresh()
             except Exception:  # the refresher must outlive any one failure
                 log.exception("refreshing the Triton replicas failed")
+            # Failed calls wake the refresher; a burst of them (every call failing while a
+            # replica is down) must not turn it into a loop of lookups and probes.
+            rest = min(_MIN_REFRESH_GAP_S, self.refresh_s) - (time.monotonic() - started)
+            if rest > 0 and self._stop.wait(rest):
+                return
 
     def wake(self) -> None:
         """Refresh now rather than at the next interval (a replica just failed a call)."""
