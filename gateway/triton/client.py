@@ -408,6 +408,8 @@ class TritonGateway:
                 models[name] = bool(client.is_model_ready(name, client_timeout=timeout))
         except InferenceServerException as exc:
             problem = f"triton at {replica.address}: {exc.status() or ''} {exc.message()}".strip()
+        except ValueError:  # its channel closed since the list was taken: it left the name
+            problem = f"triton at {replica.address}: no longer behind {self.url}"
         self.replicas.set_ready(replica, live and ready)
         return ReplicaHealth(replica.address, live, ready, models, problem)
 

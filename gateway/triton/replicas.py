@@ -212,7 +212,7 @@ class ReplicaSet:
     def _probe_ready(self, replica: Replica) -> None:
         try:
             ready = bool(replica.client.is_server_ready(client_timeout=self.probe_timeout_s))
-        except InferenceServerException:
+        except (InferenceServerException, ValueError):  # ValueError: closed, gone from the name
             ready = False
         self.set_ready(replica, ready)
 
