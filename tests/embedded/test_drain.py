@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from embedded.drain import KEY_HEADER
+from embedded.process import free_port
 from embedded.triton import TritonServer
 
 DRAIN = Path(__file__).resolve().parents[2] / "embedded" / "drain.py"
@@ -36,8 +37,11 @@ def test_the_child_s_exit_code_is_the_supervisor_s() -> None:
 
 def test_sigterm_reaches_a_child_that_has_no_triton_to_drain() -> None:
     # The supervisor appends Triton's flags to the command: `sh -c SCRIPT sh FLAGS...` takes
-    # them as positional parameters and leaves them alone.
-    child = supervise("sh", "-c", "trap 'exit 7' TERM; sleep 60 & wait", "sh")
+    # them as positional parameters and leaves them alone. Its HTTP port is one where nothing
+    # listens (the default, 8000, may be someone's Triton).
+    child = supervise(
+        "sh", "-c", "trap 'kill $!; exit 7' TERM; sleep 60 & wait", "sh", f"--http-port={free_port()}"
+    )
     time.sleep(1.0)
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == 7
