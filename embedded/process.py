@@ -40,6 +40,7 @@ class ManagedProcess:
     start_error: type[Exception] = ProcessStartError
     poll_interval_s = 0.2
     ready_timeout_s = 60.0
+    stop_timeout_s = 30.0  # how long stop() waits after SIGTERM before it kills
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None
     log_path: Path | None
@@ -93,11 +94,12 @@ class ManagedProcess:
             time.sleep(self.poll_interval_s)
         raise self.start_error(f"{self.name} not ready at {self.ready_url} after {timeout:.0f}s")
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM and wait (a graceful stop), then SIGKILL whatever is left in its session."""
         proc, self.process = self.process, None
         if proc is None:
             return None
+        timeout = self.stop_timeout_s if timeout is None else timeout
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

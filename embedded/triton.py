@@ -16,9 +16,11 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embedded.drain import DEFAULT_DRAIN_TIMEOUT_S
 from embedded.process import ManagedProcess, ProcessStartError, free_port
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,12 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 DEFAULT_WORKDIR = PROJECT_ROOT / ".run" / "triton"
+
+
+# Python 3.11's sysconfig fills its variables on first use without a lock: a second thread can
+# read them half-filled, without LIBDIR (seen here: one of two replicas started at once loaded
+# the system's libpython and failed on `import ssl`).
+_SYSCONFIG_LOCK = threading.Lock()
 
 
 class TritonStartError(ProcessStartError):
@@ -57,10 +65,13 @@ def prepare_backends(workdir: Path) -> Path:
 
 @dataclass
 class TritonServer(ManagedProcess):
-    """One tritonserver process; usable as a context manager that waits until it is ready.
+    """One tritonserver, under the drain supervisor (embedded/drain.py) as in the container;
+    usable as a context manager that waits until it is ready.
 
-    stop() sends SIGTERM (Triton unloads its models and stops their stubs), then SIGKILLs
-    whatever is left in its session."""
+    stop() sends the supervisor SIGTERM, which drains Triton (the requests it holds finish,
+    new ones are refused) and stops it, then SIGKILLs whatever is left in its session. The
+    process group holds the supervisor, Triton and the backend stubs, so killing the group is
+    a crash of the whole replica."""
 
     name = "tritonserver"
     start_error = TritonStartError
@@ -76,6 +87,10 @@ class TritonServer(ManagedProcess):
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # How long a stop waits for the requests Triton holds (the supervisor's drain), then how
+    # long Triton itself waits for what is left (direct calls to one model) once signalled.
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    exit_timeout_s: int = 20
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -105,9 +120,17 @@ class TritonServer(ManagedProcess):
         )
         return server.launch()
 
+    @property
+    def stop_timeout_s(self) -> float:  # type: ignore[override]  # a class attribute there
+        return self.drain_timeout_s + self.exit_timeout_s + 10
+
     def command(self) -> list[str]:
         server_dir, _ = _pytriton_dist()
         return [
+            # By path, as the container runs it: nothing to import from this project.
+            sys.executable, str(Path(__file__).with_name("drain.py")),
+            f"--drain-timeout={self.drain_timeout_s:g}",
+            "--",
             str(server_dir / "bin" / "tritonserver"),
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={prepare_backends(Path(self.workdir))}",
@@ -118,7 +141,7 @@ class TritonServer(ManagedProcess):
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--allow-cpu-metrics=true",
-            "--exit-timeout-secs=20",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             *self.extra_args,
         ]
 
@@ -129,7 +152,8 @@ class TritonServer(ManagedProcess):
         # The stub links libpython3.X.so by soname; without this it may find the system's copy
         # (Debian's 3.11.2 here), older than this interpreter's stdlib extensions, and `import ssl`
         # fails with an undefined symbol. This interpreter's own libpython goes first.
-        own_libpython = sysconfig.get_config_var("LIBDIR") or ""
+        with _SYSCONFIG_LOCK:
+            own_libpython = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (own_libpython, str(libs), env.get("LD_LIBRARY_PATH", "")) if p
         )

@@ -48,6 +48,7 @@ def create_app(config: Settings | None = None) -> Flask:
         metrics=metrics,
         queue_timeout_s=settings.triton_queue_timeout_s,
         classifier_model=settings.triton_classifier_model,
+        refresh_s=settings.triton_refresh_s,
     )
     app.extensions["gateway"] = Services(
         settings=settings,

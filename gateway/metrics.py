@@ -9,6 +9,7 @@ several workers the counters go through prometheus_client's multi-process files 
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,8 +27,9 @@ from prometheus_client import (
 from gateway.nvidia.api import ApiOutcome
 from gateway.nvidia.assets import AssetResult
 from gateway.nvidia.deepfake import DeepfakeStatus
-from gateway.triton.client import TritonOutcome
+from gateway.triton.client import FailoverReason, TritonOutcome
 from gateway.triton.contract import NsfwStatus
+from gateway.triton.replicas import ReplicaState
 from gateway.upload.uploader import UploadOutcome, UploadVerdict
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
@@ -51,6 +53,13 @@ UPLOAD_RESULTS = (
 NSFW_DISABLED = "disabled"  # the check was not asked for
 NSFW_OUTCOMES = (*(status.value for status in NsfwStatus), NSFW_DISABLED)
 NSFW_ENDPOINTS = ("generate", "moderate")
+# Triton addresses a process labels its per-address series with; later ones share `other`.
+# Addresses are few (the replicas of one service), and a single-process gateway drops the series
+# of an address that left the name, but pods get new addresses at every rollout and the
+# multi-process mode of prometheus_client cannot drop a series: the cap keeps a long-lived
+# worker's series bounded all the same.
+MAX_TRITON_ADDRESSES = 32
+OTHER_ADDRESS = "other"
 
 
 def _words(values: Iterable[str]) -> str:
@@ -63,6 +72,8 @@ class Metrics:
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._multiprocess_dir = multiprocess_dir
+        self._addresses: set[str] = set()
+        self._addresses_lock = threading.Lock()
         self.http_requests = Counter(
             "gateway_http_requests",
             "HTTP requests answered, by endpoint and status code.",
@@ -88,6 +99,29 @@ class Metrics:
             "gateway_triton_requests",
             f"Triton inference calls, by model and outcome ({_words(TritonOutcome)}).",
             ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.triton_addresses = Gauge(
+            "gateway_triton_addresses",
+            f"Triton addresses GATEWAY_TRITON_URL resolves to now, by state ({_words(ReplicaState)}"
+            "); only ready ones take calls.",
+            ["state"],
+            registry=self.registry,
+            # Every worker resolves the same name: the largest count of the live workers.
+            multiprocess_mode="livemax",
+        )
+        self.triton_address_calls = Counter(
+            "gateway_triton_address_calls",
+            f"Triton calls by the address that took them and outcome ({_words(TritonOutcome)}"
+            f"); a retry is a second call. At most {MAX_TRITON_ADDRESSES} addresses per process, "
+            f"then '{OTHER_ADDRESS}'.",
+            ["address", "outcome"],
+            registry=self.registry,
+        )
+        self.triton_retries = Counter(
+            "gateway_triton_retries",
+            f"Triton calls retried on another replica, by why ({_words(FailoverReason)}).",
+            ["reason"],
             registry=self.registry,
         )
         self.upload_attempts = Counter(
@@ -171,6 +205,30 @@ class Metrics:
             self.nsfw_checks.labels(status)
         for endpoint in NSFW_ENDPOINTS:
             self.nsfw_flagged.labels(endpoint)
+        for state in ReplicaState:
+            self.triton_addresses.labels(state.value)
+        for reason in FailoverReason:
+            self.triton_retries.labels(reason.value)
+
+    def triton_address_call(self, address: str, outcome: str) -> None:
+        """One call to one Triton address (gateway_triton_address_calls_total)."""
+        with self._addresses_lock:
+            if address not in self._addresses and len(self._addresses) < MAX_TRITON_ADDRESSES:
+                self._addresses.add(address)
+            label = address if address in self._addresses else OTHER_ADDRESS
+        self.triton_address_calls.labels(label, outcome).inc()
+
+    def forget_triton_address(self, address: str) -> None:
+        """An address left the name: drop its series and free its place under the cap. Not in
+        multi-process mode, where prometheus_client cannot remove a series (the cap holds)."""
+        if self._multiprocess_dir:
+            return
+        with self._addresses_lock:
+            if address not in self._addresses:
+                return
+            self._addresses.discard(address)
+            for outcome in TritonOutcome:
+                self.triton_address_calls.remove(address, outcome.value)  # absent: a no-op
 
     def nsfw_checked(self, status: NsfwStatus | str | None, score: float | None) -> None:
         """One NSFW outcome; `status` None means the check was not asked for, and a word the

@@ -1,7 +1,7 @@
 """GET /readyz: is this gateway ready to serve /generate, and with what.
 
-Ready means Triton is live and ready and both ensembles the gateway calls are ready, and the
-limits in use let some request through. The answer also says which weights each model serves
+Ready means some Triton replica is live and ready with both ensembles the gateway calls ready,
+and the limits in use let some request through. Each replica's own state is listed too. The answer also says which weights each model serves
 (Triton's `imagegen_model_info` gauge) and the limits /generate validates with.
 """
 
@@ -24,10 +24,22 @@ class ReadinessStatus(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class ReplicaReadiness:
+    address: str = described("The replica's address, as GATEWAY_TRITON_URL resolves now.")
+    live: bool = described("It answers.")
+    ready: bool = described("It says it is ready (false while it drains).")
+    models_ready: bool = described("Both ensembles are ready there.")
+    problem: str | None = described("Why it could not be asked.", omit_none=True)
+
+
+@dataclass(frozen=True)
 class TritonState:
     url: str = described("GATEWAY_TRITON_URL.")
-    live: bool = described("Triton answers.")
-    ready: bool = described("Triton says it is ready.")
+    live: bool = described("Some replica answers.")
+    ready: bool = described("Some replica says it is ready.")
+    replicas: list[ReplicaReadiness] = described(
+        "Every replica behind GATEWAY_TRITON_URL; calls go to the ready ones."
+    )
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,15 @@ def check_readiness(services: Services) -> Readiness:
     ready = health.all_ready and limits.conflict is None
     return Readiness(
         status=ReadinessStatus.READY if ready else ReadinessStatus.NOT_READY,
-        triton=TritonState(url=services.settings.triton_url, live=health.live, ready=health.ready),
+        triton=TritonState(
+            url=services.settings.triton_url,
+            live=health.live,
+            ready=health.ready,
+            replicas=[
+                ReplicaReadiness(r.address, r.live, r.ready, r.all_ready, r.problem)
+                for r in health.replicas
+            ],
+        ),
         models={name: ModelState(ok) for name, ok in health.models.items()},
         loaded=loaded,
         demo=any(info.get("demo") == "true" for info in loaded.values()) if loaded else None,

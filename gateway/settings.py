@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 # the settings before forking its workers).
 from gateway.nvidia.api import INLINE_LIMIT_CHARS, INLINE_MAX_BYTES
 from gateway.triton.contract import Model
+from gateway.triton.target import parse_target
 
 PREFIX = "GATEWAY_"
 
@@ -104,6 +105,11 @@ def _parse_secret(raw: str) -> str | None:
     return value or None
 
 
+def _parse_triton_url(raw: str) -> str:
+    parse_target(raw)  # the ValueError says what is wrong
+    return raw.strip()
+
+
 def _parse_optional_float(raw: str) -> float | None:
     return float(raw) if raw.strip() else None
 
@@ -143,7 +149,13 @@ def _setting(
 @dataclass(frozen=True)
 class Settings:
     triton_url: str = _setting(
-        "TRITON_URL", str.strip, "Triton gRPC address (host:port).", default="127.0.0.1:8001"
+        "TRITON_URL",
+        _parse_triton_url,
+        "Triton's gRPC target: `host:port`, `dns:///name:port` (every address of the name is a "
+        "replica, found again every TRITON_REFRESH_S), `dns://server:port/name:port` (asking "
+        "that DNS server), `ipv4:a:port,b:port` (fixed replicas). See "
+        "[Several Triton replicas](#several-triton-replicas-behind-the-gateways).",
+        default="127.0.0.1:8001",
     )
     triton_metrics_url: str = _setting(
         "TRITON_METRICS_URL",
@@ -365,6 +377,14 @@ class Settings:
         "is 503. Empty: the model's `default_timeout_microseconds` (60 s).",
         default=None,
     )
+    triton_refresh_s: float = _setting(
+        "TRITON_REFRESH_S",
+        float,
+        "How often each gateway process resolves TRITON_URL again and asks every replica "
+        "whether it is ready (seconds): a replica added behind the name takes calls, and one "
+        "removed or draining stops taking them, within this time.",
+        default=5.0,
+    )
 
     def __post_init__(self) -> None:
         problems = [msg for ok, msg in self._checks() if not ok]
@@ -373,7 +393,14 @@ class Settings:
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [
-            (bool(self.triton_url), f"{PREFIX}TRITON_URL is empty"),
+            (
+                _target_problem(self.triton_url) is None,
+                f"{PREFIX}TRITON_URL: {_target_problem(self.triton_url)}",
+            ),
+            (
+                0 < self.triton_refresh_s <= 300,
+                f"{PREFIX}TRITON_REFRESH_S must be in (0, 300]",
+            ),
             (self.triton_deadline_s > 0, f"{PREFIX}TRITON_DEADLINE_S must be > 0"),
             (self.probe_timeout_s > 0, f"{PREFIX}PROBE_TIMEOUT_S must be > 0"),
             (self.retry_after_s >= 0, f"{PREFIX}RETRY_AFTER_S must be >= 0"),
@@ -457,6 +484,14 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _target_problem(url: str) -> str | None:
+    try:
+        parse_target(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def settings_table() -> list[tuple[str, str, str]]:

@@ -13,7 +13,7 @@ RUN python3 -m pip install --no-cache-dir --index-url https://download.pytorch.o
         "numpy<2" "diffusers>=0.30" "transformers>=5" "safetensors" "huggingface-hub" \
         "onnxruntime-gpu>=1.18" "pillow>=10"
 
-COPY deploy/docker/set_instances.py deploy/docker/triton-entrypoint.sh /opt/imagegen/
+COPY deploy/docker/set_instances.py deploy/docker/triton-entrypoint.sh embedded/drain.py /opt/imagegen/
 # The repository is mounted at /models (docker-compose.yml); this copy serves when it is not.
 COPY model_repository /models
 ENTRYPOINT ["/opt/imagegen/triton-entrypoint.sh"]

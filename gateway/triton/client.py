@@ -4,7 +4,20 @@ failures to HTTP, readiness, and the generation model's limits.
 NSFW off calls the `txt2img` ensemble, so the classifier never runs; NSFW on calls
 `txt2img_nsfw`, where the classifier runs beside the upscaler and enforces its own 5 s budget.
 `/moderate` calls the classifier (`nsfw`) alone, with the client's image. Tensor names and
-sentinels come from `gateway.triton.contract`.
+sentinels come from `gateway.triton.contract`; which replica takes a call, from
+`gateway.triton.replicas`.
+
+Failover: a call whose replica never worked on it, or went away while it did, is retried once
+on another ready replica while the deadline leaves at least `_MIN_RETRY_S`: the replica was
+unreachable, refused or reset the connection (gRPC `UNAVAILABLE` from the transport), or is
+stopping (Triton's "Server is stopping"/"Server exiting", or the ensemble already unloaded by a
+drain: `NOT_FOUND` "has no available versions"). That is safe because a generation has no side
+effect before the gateway uploads it (and the retried call's image is uploaded under its own
+content hash). Never retried: a refusal by the model (`INVALID_ARGUMENT`: the same request
+fails anywhere), a model error (it ran, and may fail again; the work is not doubled), the NSFW
+fail-safe (an answer, not a failure), a full queue or a queue timeout (the replicas are
+saturated: a retry would add load exactly when the client should back off, so the 429/503 and
+its Retry-After go back), and a deadline (no time left).
 """
 
 from __future__ import annotations
@@ -12,6 +25,8 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +46,8 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.triton import contract
+from gateway.triton.replicas import NoReplica, Replica, ReplicaSet
+from gateway.triton.target import parse_target
 
 if TYPE_CHECKING:  # metrics imports this module for its label words
     from gateway.metrics import Metrics
@@ -38,17 +55,18 @@ if TYPE_CHECKING:  # metrics imports this module for its label words
 log = logging.getLogger(__name__)
 
 # gRPC retries a lost connection with exponential backoff up to 2 minutes by default; a short
-# cap lets the gateway see a restarted Triton within seconds.
+# cap lets the gateway see a restarted Triton within seconds. Each channel has one address
+# (gateway.triton.replicas), so no load-balancing policy is needed.
 _CHANNEL_ARGS = [
     ("grpc.max_send_message_length", 2**31 - 1),
     ("grpc.max_receive_message_length", 2**31 - 1),
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2000),
-    # Calls take turns over every address the target resolves to (`dns:///triton:8001` in
-    # front of several Triton replicas); gRPC's default sends them all to the first.
-    ("grpc.lb_policy_name", "round_robin"),
 ]
+# A retry needs at least this much of the deadline left: less cannot make an image, and the
+# honest answer is then the 503 of the failure rather than a 504 after a doomed try.
+_MIN_RETRY_S = 1.0
 
 
 class TritonOutcome(str, enum.Enum):
@@ -63,6 +81,35 @@ class TritonOutcome(str, enum.Enum):
     ERROR = "error"
 
 
+class FailoverReason(str, enum.Enum):
+    """Why a call was retried on another replica (the label of gateway_triton_retries_total)."""
+
+    UNREACHABLE = "unreachable"  # connect failed, refused, reset, or the replica went away
+    STOPPING = "stopping"  # the replica is draining or shutting down; it did no work
+
+
+def failover_reason(exc: InferenceServerException) -> FailoverReason | None:
+    """Whether a failed call may be retried on another replica, and why (module docstring)."""
+    status = str(exc.status() or "")
+    message = str(exc.message() or "")
+    if _QUEUE_FULL in message or _QUEUE_TIMEOUT in message or "RESOURCE_EXHAUSTED" in status:
+        return None  # the replica's queue refused it: load, not a lost replica
+    if any(words in message for words in _STOPPING):
+        return FailoverReason.STOPPING
+    if "NOT_FOUND" in status:  # the ensemble is not served there (now): unloaded by a drain
+        return FailoverReason.STOPPING
+    if "UNAVAILABLE" in status or not status and "connect" in message.lower():
+        return FailoverReason.UNREACHABLE
+    return None
+
+
+# Triton 2.51's words (gRPC UNAVAILABLE all): a full queue, an expired queue wait, and a server
+# that got SIGTERM ("Server exiting" to health calls, "Server is stopping" to inference).
+_QUEUE_FULL = "Exceeds maximum queue size"
+_QUEUE_TIMEOUT = "Request timeout expired"
+_STOPPING = ("Server is stopping", "Server exiting", "has no available versions")
+
+
 @dataclass(frozen=True)
 class Generated:
     image: np.ndarray  # (1, H, W, 3) uint8 RGB, as Triton sent it
@@ -70,15 +117,46 @@ class Generated:
 
 
 @dataclass(frozen=True)
-class TritonHealth:
+class ReplicaHealth:
+    address: str
     live: bool
     ready: bool
     models: dict[str, bool]  # ensemble -> ready
-    problem: str | None = None  # why Triton could not be asked
+    problem: str | None = None  # why this replica could not be asked
 
     @property
     def all_ready(self) -> bool:
         return self.live and self.ready and bool(self.models) and all(self.models.values())
+
+
+@dataclass(frozen=True)
+class TritonHealth:
+    """What /readyz reports: the replicas together (one replica with everything ready is
+    enough to serve) and each on its own."""
+
+    live: bool  # some replica is live
+    ready: bool  # some replica is ready
+    models: dict[str, bool]  # ensemble -> ready on some replica
+    problem: str | None = None  # why no replica can serve, when none can
+    replicas: tuple[ReplicaHealth, ...] = ()
+
+    @property
+    def all_ready(self) -> bool:
+        return any(replica.all_ready for replica in self.replicas)
+
+    @classmethod
+    def of(cls, replicas: list[ReplicaHealth], names: tuple[str, ...], problem: str | None) -> TritonHealth:
+        serving = any(replica.all_ready for replica in replicas)
+        problems = [r.problem for r in replicas if r.problem]
+        if problem is None and not serving and problems:
+            problem = "; ".join(problems)
+        return cls(
+            live=any(r.live for r in replicas),
+            ready=any(r.ready for r in replicas),
+            models={name: any(r.models.get(name, False) for r in replicas) for name in names},
+            problem=None if serving else problem,
+            replicas=tuple(replicas),
+        )
 
 
 class TritonGateway:
@@ -95,6 +173,7 @@ class TritonGateway:
         metrics: Metrics | None = None,
         classifier_model: str = "nsfw",
         queue_timeout_s: float | None = None,
+        refresh_s: float = 5.0,
     ) -> None:
         self.url = url
         self.metrics_url = metrics_url
@@ -109,11 +188,36 @@ class TritonGateway:
         self.queue_timeout_us = (
             None if queue_timeout_s is None else max(1, int(queue_timeout_s * 1_000_000))
         )
-        # The channel connects lazily: building the gateway never fails because Triton is down.
-        self.client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+        # Nothing connects or resolves before the first use: building the gateway never fails
+        # because Triton is down, and the refresher starts in the process that serves.
+        self.replicas = ReplicaSet(
+            parse_target(url),
+            refresh_s=refresh_s,
+            probe_timeout_s=probe_timeout_s,
+            channel_args=_CHANNEL_ARGS,
+            metrics=metrics,
+        )
+
+    @property
+    def client(self) -> grpcclient.InferenceServerClient:
+        """The client of the replica the next call would go to, for a one-off call; inference
+        goes through `_infer` (failover), the model's limits through `_leased`."""
+        replica = self._acquire()
+        self.replicas.release(replica)
+        return replica.client
+
+    @contextmanager
+    def _leased(self) -> Iterator[grpcclient.InferenceServerClient]:
+        """A replica's client held for a few calls: counted in flight, so a replica leaving
+        the name keeps its channel open until they are done."""
+        replica = self._acquire()
+        try:
+            yield replica.client
+        finally:
+            self.replicas.release(replica)
 
     def close(self) -> None:
-        self.client.close()
+        self.replicas.close()
 
     def generate(
         self, generation: contract.Generation, *, nsfw: bool, deadline_s: float
@@ -128,7 +232,7 @@ class TritonGateway:
             deadline_s,
             # Triton 2.51 drops the gRPC deadline at the ensemble's first step; the
             # diffusion model reads this parameter instead and stops between steps.
-            parameters={contract.TIMEOUT_MS: max(1, int(deadline_s * 1000))},
+            parameters=lambda left_s: {contract.TIMEOUT_MS: max(1, int(left_s * 1000))},
             # How long it may wait in the diffusion model's queue (the ensemble passes it on).
             queue_timeout_us=self.queue_timeout_us,
         )
@@ -155,13 +259,14 @@ class TritonGateway:
         Triton's own copy of their configs; raises when Triton cannot say."""
         timeout = self.probe_timeout_s
         limits = contract.ModelLimits()
-        for ensemble in (self.model, self.nsfw_model):
-            config = self.client.get_model_config(ensemble, as_json=True, client_timeout=timeout)
-            name = contract.generation_model(config["config"])
-            if name is None:
-                raise ValueError(f"{ensemble} has no step that takes {contract.PROMPT.name}")
-            model = self.client.get_model_config(name, as_json=True, client_timeout=timeout)
-            limits = limits.tighter(contract.ModelLimits.from_config(model["config"]))
+        with self._leased() as client:
+            for ensemble in (self.model, self.nsfw_model):
+                config = client.get_model_config(ensemble, as_json=True, client_timeout=timeout)
+                name = contract.generation_model(config["config"])
+                if name is None:
+                    raise ValueError(f"{ensemble} has no step that takes {contract.PROMPT.name}")
+                model = client.get_model_config(name, as_json=True, client_timeout=timeout)
+                limits = limits.tighter(contract.ModelLimits.from_config(model["config"]))
         return limits
 
     def _infer(
@@ -170,25 +275,74 @@ class TritonGateway:
         inputs: list[grpcclient.InferInput],
         outputs: tuple[contract.Tensor, ...],
         deadline_s: float,
-        parameters: dict[str, Any] | None = None,
+        parameters: Callable[[float], dict[str, Any]] | None = None,
         queue_timeout_us: int | None = None,
     ) -> grpcclient.InferResult:
+        """One call on one replica, and at most one retry on another (module docstring).
+        `parameters` gives the request parameters for the time left."""
         started = time.monotonic()
-        try:
-            result = self.client.infer(
-                model,
-                inputs,
-                outputs=[grpcclient.InferRequestedOutput(t.name) for t in outputs],
-                client_timeout=deadline_s,
-                parameters=parameters,
-                timeout=queue_timeout_us,
+        replica = self._acquire(model)
+        retried = False
+        while True:
+            left_s = deadline_s - (time.monotonic() - started)
+            try:
+                result = replica.client.infer(
+                    model,
+                    inputs,
+                    outputs=[grpcclient.InferRequestedOutput(t.name) for t in outputs],
+                    client_timeout=left_s,
+                    parameters=parameters(left_s) if parameters else None,
+                    timeout=queue_timeout_us,
+                )
+            except InferenceServerException as exc:
+                failure = exc
+            else:
+                failure = None
+            finally:
+                self.replicas.release(replica)
+            if failure is None:
+                self._count_address(replica, TritonOutcome.OK)
+                self._count(model, TritonOutcome.OK)
+                return result
+            elapsed = time.monotonic() - started
+            error = self._map_error(failure, model, elapsed, deadline_s)
+            self._count_address(replica, _outcome(error))
+            reason = failover_reason(failure)
+            if reason is not None:
+                self.replicas.not_serving(replica)
+            other = None
+            if reason is not None and not retried and deadline_s - elapsed >= _MIN_RETRY_S:
+                other = self._other_replica(replica)
+            if other is None:
+                self._count(model, _outcome(error))
+                raise error from None
+            log.warning(
+                "retrying %s on %s: %s was %s", model, other.address, replica.address, reason.value
             )
-        except InferenceServerException as exc:
-            error = self._map_error(exc, model, time.monotonic() - started, deadline_s)
-            self._count(model, _outcome(error))
-            raise error from None
-        self._count(model, TritonOutcome.OK)
-        return result
+            if self.metrics:
+                self.metrics.triton_retries.labels(reason.value).inc()
+            replica, retried = other, True
+
+    def _acquire(self, model: str | None = None) -> Replica:
+        try:
+            return self.replicas.acquire()
+        except NoReplica as exc:
+            if model is not None:
+                self._count(model, TritonOutcome.UNAVAILABLE)
+            raise Unavailable(
+                f"the inference server is unavailable ({exc}); retry later",
+                retry_after=self.retry_after_s,
+            ) from None
+
+    def _other_replica(self, failed: Replica) -> Replica | None:
+        try:
+            return self.replicas.acquire(exclude=[failed], ready_only=True)
+        except NoReplica:
+            return None
+
+    def _count_address(self, replica: Replica, outcome: TritonOutcome) -> None:
+        if self.metrics:
+            self.metrics.triton_address_call(replica.address, outcome.value)
 
     def _count(self, model: str, outcome: TritonOutcome) -> None:
         if self.metrics:
@@ -201,11 +355,11 @@ class TritonGateway:
         message = str(exc.message() or "")
         log.warning("triton %s failed after %.2fs: %s %s", model, elapsed, status, message)
         # Triton rejects a full queue with UNAVAILABLE too; its message tells the two apart.
-        if "RESOURCE_EXHAUSTED" in status or "Exceeds maximum queue size" in message:
+        if "RESOURCE_EXHAUSTED" in status or _QUEUE_FULL in message:
             return Overloaded(
                 "the inference server is at capacity; retry later", retry_after=self.retry_after_s
             )
-        if "Request timeout expired" in message:
+        if _QUEUE_TIMEOUT in message:
             # The queue policy's REJECT: the request waited past its queue timeout, never ran.
             return QueueTimeout(
                 "the request waited too long in the inference queue; retry later",
@@ -229,19 +383,35 @@ class TritonGateway:
         return UpstreamError(f"inference failed ({status or 'error'})")
 
     def probe(self) -> TritonHealth:
-        """Is Triton live and ready, and is each ensemble the gateway calls ready?"""
+        """Is each replica live and ready, and is each ensemble the gateway calls ready there?
+        Asks them all at once; what they answer also steers the next calls."""
+        replicas = self.replicas.replicas()
+        healths = self.replicas.map(self._probe_replica, replicas)
+        names = (self.model, self.nsfw_model)
+        problem = self.replicas.problem
+        if not replicas and problem is None:
+            problem = "the Triton target has no address"
+        if problem is not None:
+            problem = f"triton at {self.url}: {problem}"
+        return TritonHealth.of(healths, names, problem)
+
+    def _probe_replica(self, replica: Replica) -> ReplicaHealth:
         timeout = self.probe_timeout_s
+        client = replica.client
         live = ready = False
         models: dict[str, bool] = {}
         problem = None
         try:
-            live = bool(self.client.is_server_live(client_timeout=timeout))
-            ready = bool(self.client.is_server_ready(client_timeout=timeout))
+            live = bool(client.is_server_live(client_timeout=timeout))
+            ready = bool(client.is_server_ready(client_timeout=timeout))
             for name in (self.model, self.nsfw_model):
-                models[name] = bool(self.client.is_model_ready(name, client_timeout=timeout))
+                models[name] = bool(client.is_model_ready(name, client_timeout=timeout))
         except InferenceServerException as exc:
-            problem = f"triton at {self.url}: {exc.status() or ''} {exc.message()}".strip()
-        return TritonHealth(live, ready, models, problem)
+            problem = f"triton at {replica.address}: {exc.status() or ''} {exc.message()}".strip()
+        except ValueError:  # its channel closed since the list was taken: it left the name
+            problem = f"triton at {replica.address}: no longer behind {self.url}"
+        self.replicas.set_ready(replica, live and ready)
+        return ReplicaHealth(replica.address, live, ready, models, problem)
 
     def model_info(self) -> dict[str, dict[str, str]]:
         response = self.http.request(

@@ -294,19 +294,31 @@ def triton_problems(rendered: Rendered, shape: str) -> list[str]:
         problems.append(
             f"the startup probe allows {startup_budget}s to load weights, under 10 minutes"
         )
-    exit_timeout = int(flags.get("exit-timeout-secs", 30))
+    # The entrypoint runs Triton under the drain supervisor (embedded/drain.py), which owns the
+    # model control mode and the exit timeout: a SIGTERM unloads the ensembles and waits up to
+    # TRITON_DRAIN_TIMEOUT_S for their requests, then Triton waits TRITON_EXIT_TIMEOUT_S more.
+    env_values = {e["name"]: e.get("value") for e in container.get("env", [])}
+    for owned in ("exit-timeout-secs", "model-control-mode"):
+        if owned in flags:
+            problems.append(f"--{owned} is the drain supervisor's (set by the entrypoint)")
+    drain = float(env_values.get("TRITON_DRAIN_TIMEOUT_S") or 130)
+    exit_timeout = float(env_values.get("TRITON_EXIT_TIMEOUT_S") or 20)
     try:
         deadline = Settings.from_env(gateway_environment(rendered)).triton_deadline_s
     except SettingsError:
         pass  # gateway_problems says why
     else:
-        if exit_timeout < deadline:
+        if drain < deadline:
             problems.append(
-                f"--exit-timeout-secs={exit_timeout} is shorter than the gateway's {deadline:g}s deadline"
+                f"TRITON_DRAIN_TIMEOUT_S={drain:g} is shorter than the gateway's {deadline:g}s "
+                "deadline"
             )
     grace = spec.get("terminationGracePeriodSeconds", 30)
-    if grace < _pre_stop_s(container) + exit_timeout:
-        problems.append(f"Triton grace period {grace}s < preStop + --exit-timeout-secs")
+    if grace < _pre_stop_s(container) + drain + exit_timeout:
+        problems.append(
+            f"Triton grace period {grace}s < preStop + TRITON_DRAIN_TIMEOUT_S + "
+            "TRITON_EXIT_TIMEOUT_S"
+        )
     if _pre_stop_s(container) < 5:
         problems.append(
             "no preStop pause: Triton would refuse new calls before gateways saw it leave"

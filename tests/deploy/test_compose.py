@@ -90,7 +90,7 @@ def test_the_triton_image_is_the_version_the_tests_run(triton: Any) -> None:
         assert json.loads(resp.read())["version"] == TRITON_VERSION
     assert '"numpy<2"' in dockerfile  # the 2.51 stub crashes on string tensors with numpy 2
     entrypoint = (DOCKER / "triton-entrypoint.sh").read_text()
-    assert "set_instances.py" in entrypoint and "exec tritonserver" in entrypoint
+    assert "set_instances.py" in entrypoint and "tritonserver --model-repository" in entrypoint
 
 
 def test_the_gateway_starts_with_these_settings(services: dict[str, Any]) -> None:

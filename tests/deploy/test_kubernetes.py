@@ -153,7 +153,7 @@ BROKEN: dict[str, tuple[str, str, str, Callable[[kube.Rendered, Path], list[str]
         "GATEWAY_TRITON_DEADLINE_S=120",
         "GATEWAY_TRITON_DEADLINE_S=300",
         _consistency,
-        "--exit-timeout-secs=130 is shorter",
+        "TRITON_DRAIN_TIMEOUT_S=130 is shorter",
     ),
     "HPA metric the adapter does not serve": (
         "base/triton/hpa.yaml",

@@ -17,7 +17,7 @@ from gateway.generate import B64Data, S3Data
 from gateway.limits import GenerationLimits
 from gateway.moderate import ModerateData
 from gateway.nvidia.deepfake import DeepfakeStatus
-from gateway.readiness import ModelState, Readiness, ReadinessStatus, TritonState
+from gateway.readiness import ModelState, Readiness, ReadinessStatus, ReplicaReadiness, TritonState
 from gateway.schema import described, schemas, to_json
 from gateway.settings import Settings
 from gateway.triton.contract import NsfwStatus
@@ -32,7 +32,9 @@ FULL = [
     ModerateData(HASH, 0.2, True, NsfwStatus.TIMEOUT, 1.0, DeepfakeStatus.TOO_LARGE),
     ErrorBody(ErrorDetail("upload_failed", "upload failed", "s3_prefix"),
               to_json(S3Data(s3_url="u", s3_upload_status=None, **SCORES))),
-    Readiness(ReadinessStatus.READY, TritonState("127.0.0.1:8001", True, True),
+    Readiness(ReadinessStatus.READY,
+              TritonState("127.0.0.1:8001", True, True,
+                          [ReplicaReadiness("127.0.0.1:8001", True, False, False, "a problem")]),
               {"txt2img": ModelState(True)}, {"diffusion": {"kind": "X", "demo": "true"}}, True,
               GenerationLimits.from_settings(Settings()), ["a problem"]),
 ]

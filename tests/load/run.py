@@ -2,6 +2,8 @@
 
     .venv/bin/python -m tests.load.run                       # 32 clients × 8 requests each
     .venv/bin/python -m tests.load.run --restart-triton-after 100   # the same, Triton crashing
+    .venv/bin/python -m tests.load.run --replicas 3 --stop-replica sigkill   # one of 3 crashing
+    .venv/bin/python -m tests.load.run --replicas 3 --stop-replica sigterm   # one of 3 draining
 
 Starts its own Triton (demo models), moto, the flaky proxy (tests/load/flaky_storage.py) and the
 gateway under gunicorn, all on free loopback ports. Every client sends its requests one after the
@@ -9,6 +11,10 @@ other (64×64, 2 steps, NSFW on, each to its own presigned key). Then it checks 
 no 500; every 200's object exists in S3 and its MD5 is `image_hash`; every failure is a 502
 `upload_failed` carrying the final storage status (503s are allowed only around a Triton
 restart); and it prints the gateway's RSS before, at peak and after. Exit status 1 on a violation.
+
+With `--replicas N` it starts N Tritons behind one target (tests/load/replicas.py), can stop the
+first one mid-run, and reports each replica's share of the Triton calls with their outcomes and
+the gateway's retries on another replica; a stopped replica must cost no failed request.
 """
 
 from __future__ import annotations
@@ -16,12 +22,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import signal
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
+from prometheus_client.parser import text_string_to_metric_families
 from typing_extensions import Self
 
 from embedded.triton import TritonServer
 from tests.load.flaky_storage import FlakyStorage
-
-SHM = Path("/dev/shm")
+from tests.load.replicas import ReplicaGroup, kill, restart, terminate
 
 
 @dataclass(frozen=True)
@@ -247,39 +252,43 @@ class RssSampler:
         self.peak = max(self.peak, self.read())
 
 
-def _process_group(pgid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # the 5th field of /proc/PID/stat: process group
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def crash_and_restart(server: TritonServer, timeout: float = 300.0) -> float:
     """SIGKILL Triton and its backend stubs (a crash, not a drain), then start it again on the
-    same ports; returns the seconds it was down. The stubs' shared-memory regions, which a killed
-    Triton cannot remove, are removed by name (read from the stubs' command lines)."""
-    assert server.process is not None
-    pgid = server.process.pid
-    regions = set()
-    for pid in _process_group(pgid):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        regions.update(a.decode() for a in args if a.startswith(b"triton_python_backend_shm_region_"))
+    same ports; returns the seconds it was down."""
     down = time.monotonic()
-    os.killpg(pgid, signal.SIGKILL)
-    server.stop()
-    for name in regions:
-        (SHM / name).unlink(missing_ok=True)
-    server.start()
-    server.wait_ready(timeout=timeout)
+    kill(server)
+    restart(server, timeout)
     return time.monotonic() - down
+
+
+def gateway_calls(gateway_url: str) -> tuple[Counter[tuple[str, str]], Counter[str]]:
+    """The gateway's Triton calls by (address, outcome), and its retries by reason."""
+    with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    calls: Counter[tuple[str, str]] = Counter()
+    retries: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_triton_address_calls_total":
+                calls[(sample.labels["address"], sample.labels["outcome"])] += int(sample.value)
+            elif sample.name == "gateway_triton_retries_total":
+                retries[sample.labels["reason"]] += int(sample.value)
+    return calls, retries
+
+
+def replica_lines(
+    calls: Counter[tuple[str, str]], retries: Counter[str], addresses: list[str]
+) -> list[str]:
+    """Each replica's share of the run's Triton calls and how they ended; the retries."""
+    total = sum(calls.values()) or 1
+    lines = []
+    for address in addresses:
+        mine = {outcome: n for (a, outcome), n in calls.items() if a == address and n}
+        count = sum(mine.values())
+        ended = ", ".join(f"{n} {outcome}" for outcome, n in sorted(mine.items())) or "none"
+        lines.append(f"  {address}: {count} calls ({100 * count / total:.0f}%): {ended}")
+    lines.append(f"retries on another replica: {dict(sorted(retries.items()))}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,10 +299,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backoff", default="1,2,4", help="GATEWAY_UPLOAD_BACKOFF")
     parser.add_argument("--upload-timeout", default="3", help="GATEWAY_UPLOAD_TIMEOUT_S")
     parser.add_argument(
+        "--storage-faults", choices=("on", "off"), default="on",
+        help="off: upload straight to the local S3, so any failure left is Triton's",
+    )
+    parser.add_argument(
         "--restart-triton-after", type=int, default=0, metavar="N",
-        help="crash and restart Triton once N answers have come back (0: never)",
+        help="crash and restart Triton once N answers have come back (0: never; one replica)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1,
+        help="Tritons behind one GATEWAY_TRITON_URL (1: one Triton on free ports)",
+    )
+    parser.add_argument(
+        "--addressing", choices=("hosts", "ports"), default="hosts",
+        help="hosts: 127.0.0.2, .3, ... on the same ports, one name served by a loopback DNS "
+        "server; ports: 127.0.0.1 with ports of their own, an ipv4: list",
+    )
+    parser.add_argument(
+        "--stop-replica", choices=("sigterm", "sigkill"),
+        help="stop the first replica mid-run: SIGTERM (it drains) or SIGKILL (it crashes)",
+    )
+    parser.add_argument(
+        "--stop-after", type=int, default=0, metavar="N",
+        help="stop it once N answers have come back (default: a third of the run)",
     )
     args = parser.parse_args(argv)
+    if args.restart_triton_after and args.replicas != 1:
+        parser.error("--restart-triton-after is for one replica; use --stop-replica")
+    if args.stop_replica and args.replicas < 2:
+        parser.error("--stop-replica needs --replicas 2 or more")
+    stop_after = args.stop_after or args.clients * args.requests // 3
 
     from embedded.process import free_port
     from embedded.s3 import MotoS3Server
@@ -303,16 +338,23 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="imagegen-load-"))
     print(f"logs in {workdir}", flush=True)
-    triton = TritonServer.on_free_ports(DEFAULT_REPOSITORY, workdir / "triton")
+    if args.replicas == 1:
+        triton = TritonServer.on_free_ports(DEFAULT_REPOSITORY, workdir / "triton")
+        group = ReplicaGroup([triton])
+        target = triton.grpc_url
+    else:
+        group = ReplicaGroup.launch(args.replicas, workdir, addressing=args.addressing)
+        triton, target = group.replicas[0], group.target
+        print(f"{args.replicas} replicas behind {target}", flush=True)
     moto = MotoS3Server(port=free_port(), log_path=workdir / "moto.log").start().wait_ready()
     s3 = LocalS3(moto)
     s3.client().create_bucket(Bucket=BUCKET)
-    storage = FlakyStorage(s3.url, seed=args.seed).start()
+    storage = FlakyStorage(s3.url, seed=args.seed).start() if args.storage_faults == "on" else None
     gateway = GunicornGateway(
         workdir / "gateway.log",
-        TRITON_URL=triton.grpc_url,
+        TRITON_URL=target,
         TRITON_METRICS_URL=triton.metrics_url,
-        UPLOAD_ALLOWED_HOSTS=f"http://{storage.hostport}",
+        UPLOAD_ALLOWED_HOSTS=f"http://{storage.hostport if storage else s3.hostport}",
         UPLOAD_BACKOFF=args.backoff,
         UPLOAD_TIMEOUT_S=args.upload_timeout,
         THREADS=str(args.clients + 8),
@@ -324,11 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         LOG_LEVEL="WARNING",
     )
     presign, get_object = presigner(s3, storage), object_reader(s3)
+    extra: list[str] = []
     try:
         with gateway:
             pid = gateway.worker_pids()
             drive(gateway.url, presign, clients=args.clients, requests=1, run_id="warmup")
-            storage.actions.clear()
+            if storage:
+                storage.actions.clear()
+            calls_before, retries_before = gateway_calls(gateway.url)
             rss_before = gateway.rss_bytes()
             outcomes: list[Outcome] = []
             started = time.monotonic()
@@ -344,21 +389,45 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: answered(outcomes) >= args.restart_triton_after, 3600, "answers"
                     )
                     print(f"Triton crashed and back after {crash_and_restart(triton):.1f}s", flush=True)
+                if args.stop_replica:
+                    wait_until(lambda: answered(outcomes) >= stop_after, 3600, "answers")
+                    extra.append(stop_replica(group, args.stop_replica, answered(outcomes)))
+                    print(extra[-1], flush=True)
                 traffic.join()
+            calls, retries = gateway_calls(gateway.url)
             report = Report(
                 outcomes, time.monotonic() - started, rss_before, rss.peak, gateway.rss_bytes(),
-                storage.actions,
+                storage.actions if storage else Counter(),
             )
             found = violations(outcomes, get_object, allow_503=bool(args.restart_triton_after))
             if gateway.worker_pids() != pid:
                 found.append("the gateway's worker was restarted")
     finally:
-        storage.stop()
+        if storage:
+            storage.stop()
         moto.stop()
-        triton.stop()
+        group.stop()
     print("\n".join(report.lines()))
+    if args.replicas > 1:
+        print(f"replicas: {args.replicas} ({args.addressing}), Triton calls of the run:")
+        print("\n".join(extra))
+        addresses = [group.address(i) for i in range(args.replicas)]
+        print("\n".join(replica_lines(calls - calls_before, retries - retries_before, addresses)))
     print("\n".join(found[:20]) if found else "OK: no violation")
     return 1 if found else 0
+
+
+def stop_replica(group: ReplicaGroup, how: str, answers: int) -> str:
+    """Stop the first replica the way it is asked; what happened, for the report."""
+    victim = group.replicas[0]
+    address = group.address(0)
+    started = time.monotonic()
+    if how == "sigkill":
+        kill(victim)
+        return f"{address} killed (SIGKILL) after {answers} answers"
+    code = terminate(victim, victim.stop_timeout_s)
+    took = time.monotonic() - started
+    return f"{address} got SIGTERM after {answers} answers, drained and exited {code} in {took:.1f}s"
 
 
 if __name__ == "__main__":
