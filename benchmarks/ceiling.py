@@ -24,11 +24,12 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from export.nsfw import quiet_root_logger
 
 INT8_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "amx_int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -108,18 +109,6 @@ def cpu_flags() -> tuple[str, ...]:
     line = next((row for row in text.splitlines() if row.startswith("flags")), "")
     present = set(line.partition(":")[2].split())
     return tuple(flag for flag in (*INT8_FLAGS, *BF16_FLAGS) if flag in present)
-
-
-@contextmanager
-def quiet_root_logger() -> Iterator[None]:
-    """onnxruntime's quantization narrates at INFO and WARNING on the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def mlp_model(folder: Path, m: int, k: int, n: int) -> tuple[Path, int]:

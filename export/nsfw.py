@@ -98,10 +98,6 @@ class Variant:
     inference_precision: Callable[[], str] | None = None
     available: Callable[[], bool] = lambda: True
 
-    @property
-    def runtime(self) -> str:
-        return "openvino" if self.file.endswith(".xml") else "onnxruntime"
-
 
 def load_served_module(name: str, version_dir: Path = DEFAULT_OUTPUT) -> ModuleType:
     """A module of the served model's folder (preprocess, runtimes), so parity checks what
@@ -540,6 +536,7 @@ def export(
     else:
         parity_sets = {"images": list(images)}
     preprocess = load_served_module("preprocess", output)
+    runtimes = load_served_module("runtimes", output)
     calibration_images = list(calibration) if calibration is not None else calibration_photos()
     source = Source(
         classifier=classifier,
@@ -569,7 +566,7 @@ def export(
         worst = float(differences.max())
         results[variant.file] = {
             "kind": variant.kind,
-            "runtime": variant.runtime,
+            "runtime": runtimes.runtime_of(variant.file),
             "precision": variant.precision,
             **({"inference_precision": precision} if precision else {}),
             "method": variant.method,
