@@ -51,6 +51,11 @@ def prepare(smoke: bool) -> tuple[Path, Path]:
     return source, exported
 
 
+def served_file(exported: Path) -> Path:
+    """The variant the exporter chose to serve (nsfw.json "serve"); benchmarks.service runs it."""
+    return exported / json.loads((exported / "nsfw.json").read_text())["serve"]
+
+
 def model_name(kind: str) -> str:
     return "nsfw_" + kind.replace("-", "_")
 
