@@ -24,6 +24,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,9 @@ def best_seconds(run: Callable[[], object], runs: int) -> float:
     return best
 
 
-def onnxruntime_runs(path: Path, x: np.ndarray) -> Iterator[tuple[str, Callable[[], object]]]:
+def onnxruntime_runs(
+    path: Path, x: np.ndarray, spinning: bool = True
+) -> Iterator[tuple[str, Callable[[], object]]]:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -164,12 +167,21 @@ def onnxruntime_runs(path: Path, x: np.ndarray) -> Iterator[tuple[str, Callable[
     for precision, file in (("fp32", path), ("int8", int8)):
         # One session at a time: a second one's threads would spin-wait after each of its runs
         # and take the cores from this one.
-        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
+        session = ort.InferenceSession(
+            str(file), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         yield precision, lambda session=session: session.run(None, {"x": x})
         del session
 
 
-def openvino_runs(path: Path, x: np.ndarray) -> Iterator[tuple[str, Callable[[], object]]]:
+def openvino_runs(
+    path: Path, x: np.ndarray, spinning: bool = True
+) -> Iterator[tuple[str, Callable[[], object]]]:
+    """`spinning` is onnxruntime's switch; OpenVINO's threads have none, so it is ignored."""
     import nncf
     import openvino as ov
 
@@ -206,6 +218,31 @@ def measure(shape: VitShape, runs: int = 50) -> Ceiling:
             for precision, run in plans(path, x):
                 rates.append(Rate(runtime, precision, macs / best_seconds(run, runs) / 1e9))
     return Ceiling(rates=tuple(rates), linear_macs=shape.linear_macs, flags=cpu_flags())
+
+
+@contextmanager
+def int8_probe(shape: VitShape, runtime: str) -> Iterator[Callable[[], float]]:
+    """A callable that runs the int8 MLP once with `runtime` and returns the time the model's
+    linear layers would take at that run's rate, in ms: the floor, sampled whenever called, so
+    that a benchmark can take it under the same machine noise as the runs it compares."""
+    m, k, n = shape.tokens, shape.hidden, shape.intermediate
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, macs = mlp_model(Path(tmp), m, k, n)
+        # Not spinning after its runs: the runs beside it must have the cores.
+        plans = RUNTIMES[runtime](path, x, spinning=False)
+        run = next(run for precision, run in plans if precision == "int8")
+        run()
+
+        def floor_ms() -> float:
+            started = time.perf_counter()
+            run()
+            return (time.perf_counter() - started) * shape.linear_macs / macs * 1000
+
+        try:
+            yield floor_ms
+        finally:
+            plans.close()
 
 
 def describe(shape: VitShape, ceiling: Ceiling) -> str:
