@@ -63,6 +63,8 @@ class VitShape:
 
 # Falconsai/nsfw_image_detection: ViT-B/16 at 224x224.
 VIT_B16 = VitShape(tokens=197, hidden=768, intermediate=3072, layers=12)
+# Runs per sample of int8_probe.
+PROBE_BURST = 5
 
 
 @dataclass(frozen=True)
@@ -142,9 +144,9 @@ def mlp_model(folder: Path, m: int, k: int, n: int) -> tuple[Path, int]:
     return path, 2 * m * k * n
 
 
-def best_seconds(run: Callable[[], object], runs: int) -> float:
+def best_seconds(run: Callable[[], object], runs: int, warmup: int = 5) -> float:
     """The best time: the CPU's rate when nothing else got in the way."""
-    for _ in range(5):
+    for _ in range(warmup):
         run()
     best = float("inf")
     for _ in range(runs):
@@ -222,9 +224,12 @@ def measure(shape: VitShape, runs: int = 50) -> Ceiling:
 
 @contextmanager
 def int8_probe(shape: VitShape, runtime: str) -> Iterator[Callable[[], float]]:
-    """A callable that runs the int8 MLP once with `runtime` and returns the time the model's
-    linear layers would take at that run's rate, in ms: the floor, sampled whenever called, so
-    that a benchmark can take it under the same machine noise as the runs it compares."""
+    """A callable that runs the int8 MLP a few times with `runtime` and returns the time the
+    model's linear layers would take at the best of those runs' rates, in ms: the floor, sampled
+    whenever called, so that a benchmark can take it under the same machine noise as the runs it
+    compares. The best of a short burst, as the floor is a best: its first run pays for waking
+    threads and cold caches, costs that scaled to the whole model would say nothing of the
+    kernel."""
     m, k, n = shape.tokens, shape.hidden, shape.intermediate
     x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,9 +240,7 @@ def int8_probe(shape: VitShape, runtime: str) -> Iterator[Callable[[], float]]:
         run()
 
         def floor_ms() -> float:
-            started = time.perf_counter()
-            run()
-            return (time.perf_counter() - started) * shape.linear_macs / macs * 1000
+            return best_seconds(run, runs=PROBE_BURST, warmup=0) * shape.linear_macs / macs * 1000
 
         try:
             yield floor_ms

@@ -174,7 +174,7 @@ def run(runs: int, smoke: bool) -> dict[str, float]:
     p50 = timings[model_name(served["kind"])].p50_ms
     print(f"served {served['kind']}: p50 {p50:.1f} ms, {p50 / floor:.2f}x the int8 floor "
           f"({floor:.3g} ms); its best run {best_ms(model_name(served['kind'])) / floor:.2f}x")
-    print(f"the floor ({floor_runtime}) sampled once per round beside the runs: p50 "
+    print(f"the floor ({floor_runtime}) sampled every round beside the runs (best of a short burst): p50 "
           f"{floor_samples.p50_ms:.3g} ms, best {min(floor_samples.seconds) * 1000:.3g} ms; "
           f"served p50 over its p50: {p50 / floor_samples.p50_ms:.2f}x (both under the same noise)")
     return {
