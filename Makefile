@@ -51,4 +51,5 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf .run models model_repository/nsfw/1/model.onnx model_repository/nsfw/1/nsfw.json
+	rm -rf .run models model_repository/nsfw/1/*.onnx model_repository/nsfw/1/*.xml \
+		model_repository/nsfw/1/*.bin model_repository/nsfw/1/nsfw.json

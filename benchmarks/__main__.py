@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     figures.update(service.run(*((2, 2.0) if args.smoke else (service.RUNS, 20.0)), args.smoke))
     print()
     order = ["nsfw_speedup_vs_pipeline", "nsfw_p50_ms", "added_p50_ms_512x1024",
-             "added_p50_ms_1024x2048", "gateway_overhead_p50_ms", "concurrency_ratio"]
+             "added_p50_ms_1024x2048", "gateway_overhead_p50_ms", "concurrency_ratio",
+             "nsfw_floor_ratio"]
     print_summary({name: figures[name] for name in order})
     return 0
 

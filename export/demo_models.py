@@ -21,13 +21,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from export.nsfw import DEFAULT_OUTPUT as NSFW_REPOSITORY_DIR
-from export.nsfw import DEMO_MARKER, PROJECT_ROOT
+from export.nsfw import DEMO_MARKER, FAST_KINDS, PROJECT_ROOT
+from export.nsfw import FORMAT as NSFW_FORMAT
 from export.nsfw import export as export_nsfw
 
 log = logging.getLogger("export.demo_models")
 
 DEMO_DIR = PROJECT_ROOT / "models" / "demo"
 SEED = 0
+# The demo classifier's variants. Not bf16: its scores landed 0.019 from the reference here, on
+# the edge of the 0.02 that would serve it, and the demo serves fp32 on every CPU so the tests
+# can hold Triton to 1e-4 of the pipeline. Its int8 variants are built (and fail parity), so
+# the tests can serve them by name.
+DEMO_NSFW_VARIANTS = tuple(kind for kind in FAST_KINDS if kind != "openvino-bf16")
 
 
 def _write_marker(folder: Path, what: str) -> None:
@@ -184,11 +190,21 @@ def build(demo_dir: Path = DEMO_DIR, nsfw_dir: Path = NSFW_REPOSITORY_DIR, force
             continue
         log.info("building demo %s model at %s (random weights)", name, target)
         builder(target)
-    if force or not (nsfw_dir / "model.onnx").exists():
+    if force or not (nsfw_dir / "model.onnx").exists() or _stale_demo_export(nsfw_dir):
         log.info("exporting the demo NSFW classifier to %s", nsfw_dir)
-        export_nsfw(str(demo_dir / "nsfw"), nsfw_dir, int8=True)
+        export_nsfw(str(demo_dir / "nsfw"), nsfw_dir, variants=DEMO_NSFW_VARIANTS)
     else:
         log.info("an NSFW ONNX model is already in %s; leaving it", nsfw_dir)
+
+
+def _stale_demo_export(nsfw_dir: Path) -> bool:
+    """A demo export by an older exporter (which lacks the newer variants); a real export is
+    never replaced."""
+    try:
+        spec = json.loads((nsfw_dir / "nsfw.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(spec.get("demo")) and spec.get("format", 1) < NSFW_FORMAT
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ RUN python3 -m pip install --no-cache-dir --index-url https://download.pytorch.o
         "torch>=2.6" \
  && python3 -m pip install --no-cache-dir \
         "numpy<2" "diffusers>=0.30" "transformers>=5" "safetensors" "huggingface-hub" \
-        "onnxruntime-gpu>=1.18" "pillow>=10"
+        "onnxruntime-gpu>=1.18" "openvino>=2025.4,<2027" "pillow>=10"
 
 COPY deploy/docker/set_instances.py deploy/docker/triton-entrypoint.sh embedded/drain.py /opt/imagegen/
 # The repository is mounted at /models (docker-compose.yml); this copy serves when it is not.

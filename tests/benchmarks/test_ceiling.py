@@ -35,6 +35,24 @@ def test_measured_rates_give_the_floor() -> None:
     assert best.fp32_gmacs > 0 and best.int8_gmacs > 0
     assert best.int8_floor_ms == pytest.approx(shape.linear_macs / (best.int8_gmacs * 1e6))
     assert best.fp32_floor_ms == pytest.approx(shape.linear_macs / (best.fp32_gmacs * 1e6))
-    assert set(best.flags) <= set(ceiling.INT8_FLAGS)
+    assert set(best.flags) <= {*ceiling.INT8_FLAGS, *ceiling.BF16_FLAGS}
+    # Every runtime a variant can be served with is measured; the floor rests on the fastest.
+    int8 = [rate for rate in best.rates if rate.precision == "int8"]
+    assert {rate.runtime for rate in int8} == {"onnxruntime", "openvino"}
+    assert all(rate.gmacs > 0 for rate in best.rates)
+    assert best.int8_gmacs == max(rate.gmacs for rate in int8)
     text = ceiling.describe(shape, best)
     assert "17x32x64" in text and "floor" in text
+    assert f"int8 {best.int8_floor_ms:.3g} ms ({best.best('int8').runtime})" in text
+    for rate in int8:
+        assert f"{rate.runtime} {rate.gmacs:.1f}" in text
+
+
+def test_the_mlp_is_timed_as_two_products_of_its_own_weights(tmp_path: Path) -> None:
+    import onnx
+
+    path, macs = ceiling.mlp_model(tmp_path, 17, 32, 64)
+    graph = onnx.load(str(path)).graph
+    assert [node.op_type for node in graph.node] == ["MatMul", "MatMul"]
+    assert [list(w.dims) for w in graph.initializer] == [[32, 64], [64, 32]]
+    assert macs == 2 * 17 * 32 * 64

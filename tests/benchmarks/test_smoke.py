@@ -30,10 +30,24 @@ def summary(stdout: str) -> dict[str, float]:
 def test_nsfw_benchmark_smoke() -> None:
     stdout = run("benchmarks.nsfw")
     figures = summary(stdout)
-    assert set(figures) == {"nsfw_speedup_vs_pipeline", "nsfw_p50_ms"}
+    assert set(figures) == {"nsfw_speedup_vs_pipeline", "nsfw_p50_ms", "nsfw_floor_ratio"}
     assert figures["nsfw_p50_ms"] > 0 and figures["nsfw_speedup_vs_pipeline"] > 0
-    # The CPU's floor is printed beside the figures it bounds.
-    assert re.search(r"floor for the linear layers alone .*: int8 [0-9.]+ ms", stdout), stdout
+    # The CPU's floor is printed beside the figures it bounds, with the instruction set, and the
+    # ratio is the served p50 over that floor.
+    upfront = re.search(r"floor for the linear layers alone .*: int8 ([0-9.]+) ms \((\w+)\)", stdout)
+    floor = re.search(r"^int8 floor: ([0-9.]+) ms \((\w+)\)", stdout, re.MULTILINE)
+    assert upfront and floor, stdout
+    assert floor.group(2) == upfront.group(2) and floor.group(2) in {"onnxruntime", "openvino"}
+    # The floor is the best of all its runs: never above the one measured before the rounds.
+    assert float(floor.group(1)) <= float(upfront.group(1))
+    assert re.search(r"^CPU instructions: \S", stdout, re.MULTILINE), stdout
+    assert figures["nsfw_floor_ratio"] == pytest.approx(
+        figures["nsfw_p50_ms"] / float(floor.group(1)), rel=0.02
+    )
+    # Every exported variant was measured inside Triton, each with its runtime and parity.
+    for kind in ("onnx-fp32", "onnx-int8", "openvino-int8"):
+        assert re.search(rf"^{kind}\b.*\b(onnxruntime|openvino)\b", stdout, re.MULTILINE), kind
+    assert re.search(r"^served by default: \S+ \([\w-]+\): ", stdout, re.MULTILINE), stdout
 
 
 @pytest.mark.usefixtures("demo_models")

@@ -1,21 +1,23 @@
 """NSFW score of each image: softmax probability of the label named "nsfw" in the exported map.
 
-The budget is enforced here, not trusted to callers: a watchdog sets onnxruntime's
-RunOptions.terminate when it runs out, and anything slower than the budget or failing scores
+The exporter's nsfw.json says which file `model_file: auto` serves and how; runtimes.py runs it
+(onnxruntime for .onnx, OpenVINO for .xml). The budget is enforced here, not trusted to callers:
+each runtime stops a run at the deadline, and anything slower than the budget or failing scores
 1.0 (the spec's fail-safe) with NSFW_STATUS "timeout" or "error".
 """
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from preprocess import Preprocessor, softmax
+from runtimes import RuntimeOptions, Timeout, open_runner
 
 FAIL_SAFE_SCORE = 1.0
+REFERENCE_FILE = "model.onnx"
 
 
 class TritonPythonModel:
@@ -25,31 +27,41 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.budget_s = float(params.get("budget_ms", "5000")) / 1000
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        onnx_path = self._onnx_path(
-            os.environ.get("IMAGEGEN_NSFW_ONNX") or params.get("onnx_file", "auto"), version_dir
-        )
         gpu = args["model_instance_kind"] == "GPU"
+        path = self._model_path(
+            os.environ.get("IMAGEGEN_NSFW_ONNX") or params.get("model_file", "auto"), version_dir, gpu
+        )
 
-        self.session = None
+        self.runner = None
         self.load_error = None
-        info = {"kind": "onnx", "source": str(onnx_path), "demo": "unknown", "status": "ok"}
+        info = {"kind": "unknown", "source": str(path), "demo": "unknown", "status": "ok"}
         try:
-            spec = json.loads((onnx_path.parent / "nsfw.json").read_text())
-            self.session = self._session(onnx_path, gpu, args["model_instance_device_id"], params)
-            self.preprocess = Preprocessor(spec)
-            self.nsfw_index = int(spec["nsfw_index"])
-            variant = spec.get("variants", {}).get(onnx_path.name, {})
+            spec = json.loads((path.parent / "nsfw.json").read_text())
+            variant = spec.get("variants", {}).get(path.name, {})
             info.update(
-                kind="onnx-" + variant.get("precision", "unknown"),
-                source=spec.get("source", str(onnx_path)),
+                # nsfw.json before format 2 named only the precision, and only ONNX files.
+                kind=variant.get("kind") or f"onnx-{variant.get('precision', 'unknown')}",
+                source=spec.get("source", str(path)),
                 demo="true" if spec.get("demo") else "false",
             )
+            self.preprocess = Preprocessor(spec)
+            self.nsfw_index = int(spec["nsfw_index"])
+            self.runner = open_runner(
+                path,
+                RuntimeOptions.from_parameters(params),
+                inference_precision=variant.get("inference_precision"),
+                gpu_device=args["model_instance_device_id"] if gpu else None,
+            )
+            # The first run allocates and specialises the graph; let no request pay for it.
+            height, width = spec["image_size"]
+            self.runner(np.zeros((1, 3, height, width), dtype=np.float32), timeout_s=60.0)
         except Exception as exc:  # noqa: BLE001
             # Serve anyway: every request then gets the fail-safe score with status "error",
             # so generation and upload go on (the spec) while the metric and log raise the alarm.
+            self.runner = None
             self.load_error = f"{type(exc).__name__}: {exc}"
             info["status"] = "error"
-            self.logger.log_error(f"nsfw: cannot load {onnx_path}: {self.load_error}")
+            self.logger.log_error(f"nsfw: cannot load {path}: {self.load_error}")
 
         self.info_family = pb_utils.MetricFamily(
             name="imagegen_model_info",
@@ -60,36 +72,24 @@ class TritonPythonModel:
         self.info.set(1)
         demo_note = " (DEMO: random weights, scores mean nothing)" if info["demo"] == "true" else ""
         self.logger.log_info(
-            f"nsfw: {info['kind']} from {info['source']}, budget {self.budget_s:g}s, "
+            f"nsfw: {info['kind']} from {info['source']} ({path.name}), budget {self.budget_s:g}s, "
             f"status {info['status']}{demo_note}"
         )
 
     @staticmethod
-    def _onnx_path(name, version_dir):
+    def _model_path(name, version_dir, gpu):
         if name != "auto":
             path = Path(name)
             return path if path.is_absolute() else version_dir / path
-        # The exporter recorded which file to serve: int8 when its parity held, else fp32.
-        try:
-            chosen = json.loads((version_dir / "nsfw.json").read_text()).get("serve", "model.onnx")
-        except (OSError, ValueError):
-            chosen = "model.onnx"
-        return version_dir / chosen
-
-    @staticmethod
-    def _session(path, gpu, device_id, params):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", params.get("allow_spinning", "0")
-        )
-        providers = ["CPUExecutionProvider"]
+        # The variants are CPU choices (int8, OpenVINO); a GPU runs the reference file on CUDA.
         if gpu:
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device_id)}))
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            return version_dir / REFERENCE_FILE
+        # The exporter recorded which file to serve: the fastest whose parity held.
+        try:
+            chosen = json.loads((version_dir / "nsfw.json").read_text()).get("serve", REFERENCE_FILE)
+        except (OSError, ValueError):
+            chosen = REFERENCE_FILE
+        return version_dir / chosen
 
     def execute(self, requests):
         started = time.monotonic()
@@ -121,28 +121,16 @@ class TritonPythonModel:
         fail = np.full(count, FAIL_SAFE_SCORE, dtype=np.float32)
         if count == 0:
             return fail, []
-        if self.session is None:
+        if self.runner is None:
             return fail, ["error"] * count
-        import onnxruntime as ort
-
-        run_options = ort.RunOptions()
-        watchdog = None
         try:
             pixels = self.preprocess(images)
-            remaining = self.budget_s - (time.monotonic() - started)
-            if remaining <= 0:
-                return fail, ["timeout"] * count
-            watchdog = threading.Timer(remaining, setattr, (run_options, "terminate", True))
-            watchdog.start()
-            (logits,) = self.session.run(["logits"], {"pixel_values": pixels}, run_options)
+            logits = self.runner(pixels, self.budget_s - (time.monotonic() - started))
+        except Timeout:
+            return fail, ["timeout"] * count
         except Exception as exc:  # noqa: BLE001 - the fail-safe covers every failure
-            if run_options.terminate:
-                return fail, ["timeout"] * count
             self.logger.log_error(f"nsfw: scoring failed: {type(exc).__name__}: {exc}")
             return fail, ["error"] * count
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
         # A run that finished just past the budget is still too late to be trusted (the spec).
         if time.monotonic() - started > self.budget_s:
             return fail, ["timeout"] * count
@@ -161,4 +149,4 @@ class TritonPythonModel:
         )
 
     def finalize(self):
-        self.session = None
+        self.runner = None
