@@ -1,0 +1,370 @@
+"""Diffusion batching: Triton's dynamic batching off and on, side by side in one run.
+
+    python -m benchmarks.batching [--rounds 2] [--smoke]
+
+Two pipelines: the demo one of `make models`, and one whose UNet has Stable Diffusion 1.5's
+block shapes (diffusers' UNet2DConditionModel with SD 1.5's config values, 860M parameters,
+random weights) beside a text encoder of SD's width (768) but one layer and the demo VAE, so that
+the UNet is most of the work; it is built once into models/bench/ (--smoke: the same blocks,
+narrow). One generated repository serves each twice from the same tritonserver binary and the
+same model.py: `<name>_off` with max_batch_size 1 (one request per execution, as before
+batching) and `<name>_on` with the repository's diffusion config as it is.
+
+Triton's own perf_analyzer (benchmarks.perf_analyzer) is the load: CLIENTS concurrent clients
+sending requests of one shape, each with its own prompt and seed; off and on take turns, `rounds`
+times, so that a noisy minute falls on both. Then one client alone, off and on taking turns
+again. Throughput is requests over the measured wall time; p50 and p95 are per request, pooled
+over the rounds.
+
+perf_analyzer does not hand the images back, so the reproducibility check uses tritonclient:
+each seed alone on `_off`, then the same requests queued together on `_on` (behind one longer
+request, so that they leave the queue as one batch) and compared pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import queue
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import model_config_pb2
+
+from benchmarks import ceiling
+from benchmarks.perf_analyzer import Measurement, PerfAnalyzer
+from benchmarks.report import print_summary, print_table
+from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
+from export.demo_models import DEMO_DIR
+from gateway.triton import contract
+
+BENCH_DIR = PROJECT_ROOT / "models" / "bench"
+CLIENTS = 8
+ROUNDS = 2  # turns each side takes
+PROMPT = "a quiet harbour at dawn"
+SEED = 1234
+DIFFUSION = contract.Model.DIFFUSION.value
+
+# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json); the values
+# diffusers' UNet2DConditionModel defaults to are repeated so that the shape reads in one place.
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+# --smoke: the same blocks, narrow, so that the script's every path runs in seconds.
+SD15_UNET_NARROW = {**SD15_UNET, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
+                    "norm_num_groups": 8}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One pipeline and the request shape all clients send it."""
+
+    name: str
+    pipeline: Path
+    width: int
+    height: int
+    steps: int
+    requests: int  # per round, from CLIENTS clients
+    single_requests: int  # per round, from one client
+
+    def generation(self, index: int, steps: int | None = None) -> contract.Generation:
+        return contract.Generation(
+            prompt=f"{PROMPT}, variation {index}", width=self.width, height=self.height,
+            steps=steps or self.steps, seed=SEED + index,
+        )
+
+    def input_data(self) -> dict[str, object]:
+        """perf_analyzer's --input-data: one entry per client, the batch dimension left out."""
+        entries = []
+        for index in range(CLIENTS):
+            arrays = self.generation(index).arrays(upscaler=False)
+            entries.append({
+                name: {
+                    "content": [v.decode() if isinstance(v, bytes) else v.item()
+                                for v in array.reshape(-1)],
+                    "shape": list(array.shape[1:]),
+                }
+                for name, array in arrays.items()
+            })
+        return {"data": entries}
+
+
+def build_sd_shaped(target: Path, unet_config: dict[str, object]) -> Path:
+    """The demo pipeline with an SD-1.5-shaped UNet and a text encoder of SD's width."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if (target / "model_index.json").exists():
+        return target
+    print(f"building {target.name}: UNet2DConditionModel with SD 1.5's blocks, random weights",
+          flush=True)
+    demo = StableDiffusionPipeline.from_pretrained(str(DEMO_DIR / "diffusion"), local_files_only=True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config)
+    text = demo.text_encoder.config
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=int(unet_config["cross_attention_dim"]),  # type: ignore[call-overload]
+        intermediate_size=4 * int(unet_config["cross_attention_dim"]),  # type: ignore[call-overload]
+        num_attention_heads=12,
+        num_hidden_layers=1,
+        vocab_size=text.vocab_size,
+        max_position_embeddings=text.max_position_embeddings,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
+    ))
+    pipe = StableDiffusionPipeline(
+        vae=demo.vae, text_encoder=text_encoder, tokenizer=demo.tokenizer, unet=unet,
+        scheduler=demo.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    work = target.with_name(target.name + ".tmp")
+    # Stored in fp16 (half the disk); the model loads it as fp32 on a CPU instance.
+    pipe.to(torch.float16).save_pretrained(str(work), safe_serialization=True)
+    work.rename(target)
+    return target
+
+
+def repository(target: Path, pipelines: dict[str, Path]) -> Path:
+    """`<name>_off` and `<name>_on` per pipeline, from the repository's diffusion config."""
+    source = DEFAULT_REPOSITORY / DIFFUSION
+    text = (source / "config.pbtxt").read_text()
+    for name, folder in pipelines.items():
+        for batching in (False, True):
+            config = text_format.Parse(text, model_config_pb2.ModelConfig())
+            config.name = f"{name}_{'on' if batching else 'off'}"
+            config.parameters["model"].string_value = str(folder)
+            if not batching:
+                config.max_batch_size = 1
+                config.dynamic_batching.ClearField("max_queue_delay_microseconds")
+            (target / config.name).mkdir(parents=True)
+            (target / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+            (target / config.name / "1").symlink_to(source / "1")
+    return target
+
+
+def batch_delay_us(server: TritonServer, model: str) -> int:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        config = client.get_model_config(model, as_json=True)["config"]
+    return int(config.get("dynamic_batching", {}).get("max_queue_delay_microseconds", 0))
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of one metric on a /metrics page whose labels include `labels`."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting until {what}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def queued_behind(client: grpcclient.InferenceServerClient, model: str, workload: Workload,
+                  metrics_url: str, count: int) -> Iterator[None]:
+    """Holds `model`'s instance with a longer request of the same shape while the block sends
+    `count` requests: they wait in the queue and leave it together, as one batch."""
+    steps = functools.partial(metric, metrics_url, "imagegen_diffusion_steps_total", model=model)
+    before = steps()
+    done: queue.Queue = queue.Queue()
+    client.async_infer(
+        model, workload.generation(CLIENTS, steps=4 * workload.steps).inputs(upscaler=False),
+        callback=lambda result, error: done.put(error),
+    )
+    wait_until(lambda: steps() > before, "the longer request started")
+    yield
+    pending = functools.partial(metric, metrics_url, "nv_inference_pending_request_count",
+                                model=model)
+    wait_until(lambda: pending() >= count or not done.empty(), f"{count} requests were queued")
+    if not done.empty():
+        raise RuntimeError("the longer request ended before the batch was queued")
+    error = done.get(timeout=600)
+    if error is not None:
+        raise RuntimeError(f"the longer request failed: {error}")
+
+
+def batch_sizes(client: grpcclient.InferenceServerClient, model: str) -> dict[int, int]:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+def reproducibility(server: TritonServer, workload: Workload) -> tuple[int, float, dict[int, int]]:
+    """Each seed alone (on `_off`) against the same requests sharing a pass (on `_on`): the
+    largest pixel difference, the share of pixel values that differ, and the batch sizes Triton
+    ran on `_on` meanwhile."""
+    off, on = f"{workload.name}_off", f"{workload.name}_on"
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        requests = [workload.generation(i).inputs(upscaler=False) for i in range(CLIENTS)]
+        alone = [client.infer(off, r).as_numpy(contract.IMAGE.name) for r in requests]
+        before = batch_sizes(client, on)
+        answers: queue.Queue = queue.Queue()
+        with queued_behind(client, on, workload, server.metrics_url, CLIENTS):
+            for index, request in enumerate(requests):
+                client.async_infer(on, request, callback=lambda result, error, index=index:
+                                   answers.put((index, result, error)))
+        together: list[np.ndarray] = [np.empty(0)] * CLIENTS
+        for _ in requests:
+            index, result, error = answers.get(timeout=600)
+            if error is not None:
+                raise RuntimeError(f"{on} failed: {error}")
+            together[index] = result.as_numpy(contract.IMAGE.name)
+        time.sleep(0.5)  # Triton records statistics just after it answers
+        after = batch_sizes(client, on)
+    ran = {size: n - before.get(size, 0) for size, n in after.items() if n != before.get(size, 0)}
+    differences = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in zip(alone, together)]
+    largest = int(max(d.max() for d in differences))
+    share = float(np.mean([np.count_nonzero(d) / d.size for d in differences]))
+    return largest, share, ran
+
+
+@dataclass(frozen=True)
+class Side:
+    requests: int
+    seconds: float
+    latencies: np.ndarray
+
+    @classmethod
+    def of(cls, measurements: list[Measurement]) -> Side:
+        return cls(*Measurement.pooled(measurements))
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000
+
+
+def measure(server: TritonServer, analyzer: PerfAnalyzer, workload: Workload, rounds: int,
+            workdir: Path) -> dict[tuple[str, int], Side]:
+    """(side, clients) -> pooled measurements, off and on taking turns."""
+    data = workload.input_data()
+    runs: dict[tuple[str, int], list[Measurement]] = {}
+    for clients, requests in ((CLIENTS, workload.requests), (1, workload.single_requests)):
+        for round_ in range(rounds):
+            for side in ("off", "on"):
+                model = f"{workload.name}_{side}"
+                runs.setdefault((side, clients), []).append(analyzer.run(
+                    server, model, data, concurrency=clients, requests=requests,
+                    workdir=workdir / f"{model}-{clients}-{round_}",
+                ))
+    return {key: Side.of(measurements) for key, measurements in runs.items()}
+
+
+def cpu() -> str:
+    model = next((line.partition(":")[2].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    return f"{model}, {os.cpu_count()} cores, {' '.join(ceiling.cpu_flags()) or 'no AVX2'}"
+
+
+def workloads(smoke: bool, only: tuple[str, ...]) -> list[Workload]:
+    """The demo and SD-shaped workloads (or those in `only`), built when missing."""
+    chosen = []
+    if not only or "demo" in only:
+        shape = (64, 64, 2, 8, 2) if smoke else (128, 128, 4, 48, 12)
+        chosen.append(Workload("demo", DEMO_DIR / "diffusion", *shape))
+    if not only or "sd" in only:
+        folder = BENCH_DIR / ("sd15-unet-narrow" if smoke else "sd15-unet")
+        sd = build_sd_shaped(folder, SD15_UNET_NARROW if smoke else SD15_UNET)
+        # 128x128 is a 16x16 latent: SD's full channel widths at a size two cores get through
+        # in about a second and a half per step and request (classifier-free guidance doubles it).
+        shape = (64, 64, 2, 8, 2) if smoke else (128, 128, 2, 16, 3)
+        chosen.append(Workload("sd", sd, *shape))
+    return chosen
+
+
+def run(rounds: int, smoke: bool, only: tuple[str, ...] = ()) -> dict[str, float]:
+    chosen = workloads(smoke, only)
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        repo = repository(workdir / "repository", {w.name: w.pipeline for w in chosen})
+        # Empty: each generated model reads its own `model` parameter.
+        server = TritonServer.on_free_ports(repo, workdir / "triton",
+                                            env={"IMAGEGEN_DIFFUSION_MODEL": ""})
+        try:
+            analyzer = PerfAnalyzer.for_server(server)
+            delay_us = batch_delay_us(server, f"{chosen[0].name}_on")
+            print(f"CPU: {cpu()}")
+            print(f"perf_analyzer {analyzer.binary.parent.parent.name}, gRPC; off: max_batch_size 1; "
+                  f"on: max_batch_size 8, max_queue_delay {delay_us} us; {rounds} rounds each")
+            rows = []
+            for workload in chosen:
+                with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                    for side in ("off", "on"):  # first calls allocate; keep them out
+                        client.infer(f"{workload.name}_{side}",
+                                     workload.generation(0).inputs(upscaler=False))
+                started = time.perf_counter()
+                sides = measure(server, analyzer, workload, rounds, workdir / workload.name)
+                largest, share, batches = reproducibility(server, workload)
+                took = time.perf_counter() - started
+                for (side, clients), result in sides.items():
+                    rows.append((workload.name, f"{workload.width}x{workload.height}",
+                                 workload.steps, clients, side, result.requests,
+                                 result.throughput, result.percentile_ms(50),
+                                 result.percentile_ms(95)))
+                ratio = sides[("on", CLIENTS)].throughput / sides[("off", CLIENTS)].throughput
+                single = sides[("on", 1)].percentile_ms(50) / sides[("off", 1)].percentile_ms(50)
+                figures[f"batch_throughput_ratio_{workload.name}"] = ratio
+                figures[f"batch_single_p50_ratio_{workload.name}"] = single
+                print(f"{workload.name}: alone vs in a batch of {CLIENTS} (Triton ran {batches}): "
+                      f"largest pixel difference {largest}/255, {share:.2%} of values differ "
+                      f"({took:.0f} s for this model)")
+        finally:
+            server.stop()
+    print_table(["model", "size", "steps", "clients", "batching", "requests", "req/s",
+                 "p50 ms", "p95 ms"],
+                [(*row[:6], f"{row[6]:.3f}", *row[7:]) for row in rows])
+    for name in (w.name for w in chosen):
+        print(f"{name}: throughput at {CLIENTS} clients on/off "
+              f"{figures[f'batch_throughput_ratio_{name}']:.2f}x (target >= 1.5 on demo); "
+              f"one client p50 on/off {figures[f'batch_single_p50_ratio_{name}']:.2f}x "
+              f"(target <= 1.1)")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="turns each side takes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, narrow SD blocks, 1 round")
+    parser.add_argument("--only", nargs="+", choices=["demo", "sd"], default=[],
+                        help="measure these pipelines only")
+    args = parser.parse_args(argv)
+    print_summary(run(1 if args.smoke else args.rounds, args.smoke, tuple(args.only)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
