@@ -4,8 +4,11 @@
     python benchmarks/gpu.py --device cpu      # tiny shapes, fp32: proves the script runs
 
 Self-contained, for a GPU machine with torch (CUDA) and transformers but no network, no Triton
-and none of this project installed: it needs only torch, transformers and diffusers (pure
-Python: carry its wheel, `pip install --no-deps diffusers-*.whl`).
+and none of this project installed: it needs only torch, transformers and diffusers. Carry
+diffusers' wheel (pure Python) and install it with `pip install --no-deps`; diffusers also
+imports `requests` (with urllib3, idna, certifi, charset-normalizer) and Pillow, so carry the
+wheels of whichever of those the machine lacks (checked in a virtualenv holding only torch,
+transformers and these).
 
 - UNet: diffusers' UNet2DConditionModel with SD 1.5's config values (860M parameters), one
   denoising step at 512x1024 (a 64x128 latent) for 1, 2, 4 and 8 images, each image twice
@@ -71,7 +74,14 @@ def timed_ms(step: Callable[[], object], device: torch.device, runs: int, warmup
 def unet_steps(device: torch.device, dtype: torch.dtype, tiny: bool, width: int, height: int,
                runs: int) -> dict[int, float]:
     """Milliseconds of one UNet step for each number of images (guidance doubles the batch)."""
-    from diffusers import UNet2DConditionModel
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError as exc:
+        raise SystemExit(
+            f"cannot import diffusers ({exc}): carry its wheel and those of requests, urllib3, "
+            "idna, certifi, charset-normalizer and Pillow the machine lacks, and install them "
+            "with `pip install --no-deps`"
+        ) from exc
 
     config = TINY_UNET if tiny else SD15_UNET
     torch.manual_seed(0)
