@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     figures = nsfw.run(3 if args.smoke else 30, args.smoke)
     figures.update(service.run(*((2, 2.0) if args.smoke else (service.RUNS, 20.0)), args.smoke))
-    figures.update(batching.run(1 if args.smoke else batching.ROUNDS, args.smoke))
+    figures.update(batching.run(args.smoke))
     print()
     order = ["nsfw_speedup_vs_pipeline", "nsfw_p50_ms", "added_p50_ms_512x1024",
              "added_p50_ms_1024x2048", "gateway_overhead_p50_ms", "concurrency_ratio",

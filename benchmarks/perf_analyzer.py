@@ -121,6 +121,10 @@ class Measurement:
     def seconds(self) -> float:
         return float(self.answered.max() - self.sent.min())
 
+    @property
+    def throughput(self) -> float:
+        return len(self.sent) / self.seconds
+
     @staticmethod
     def pooled(measurements: Sequence[Measurement]) -> tuple[int, float, np.ndarray]:
         """Requests, seconds and latencies of several measurements taken one after another."""
