@@ -1,6 +1,6 @@
 """Diffusion batching: Triton's dynamic batching off and on, side by side in one run.
 
-    python -m benchmarks.batching [--only demo|sd] [--smoke]
+    python -m benchmarks.batching [--only demo|sd] [--smoke] [--reproducibility WxHxSTEPS]
 
 Two pipelines: the demo one of `make models`, and one whose UNet has Stable Diffusion 1.5's
 block shapes (diffusers' UNet2DConditionModel with SD 1.5's config values, 860M parameters,
@@ -25,6 +25,7 @@ request, so that they leave the queue as one batch) and compared pixel by pixel.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import queue
@@ -202,10 +203,10 @@ def queued_behind(client: grpcclient.InferenceServerClient, model: str, workload
     steps = functools.partial(metric, metrics_url, "imagegen_diffusion_steps_total", model=model)
     before = steps()
     done: queue.Queue = queue.Queue()
-    client.async_infer(
-        model, workload.generation(CLIENTS, steps=4 * workload.steps).inputs(upscaler=False),
-        callback=lambda result, error: done.put(error),
-    )
+    # A few steps more than the batch's: long enough to queue behind, short enough not to wait.
+    longer = workload.generation(CLIENTS, steps=min(4 * workload.steps, workload.steps + 8))
+    client.async_infer(model, longer.inputs(upscaler=False),
+                       callback=lambda result, error: done.put(error))
     wait_until(lambda: steps() > before, "the longer request started")
     yield
     pending = functools.partial(metric, metrics_url, "nv_inference_pending_request_count",
@@ -344,8 +345,13 @@ def compare(server: TritonServer, analyzer: PerfAnalyzer, workload: Workload,
     return figures, rows
 
 
-def run(smoke: bool, only: tuple[str, ...] = ()) -> dict[str, float]:
+def run(smoke: bool, only: tuple[str, ...] = (), shape: tuple[int, int, int] | None = None
+        ) -> dict[str, float]:
+    """Every figure; with `shape` (width, height, steps), only the reproducibility check there."""
     chosen = workloads(smoke, only)
+    if shape is not None:
+        chosen = [dataclasses.replace(w, width=shape[0], height=shape[1], steps=shape[2])
+                  for w in chosen]
     figures: dict[str, float] = {}
     rows: list[tuple[object, ...]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -361,12 +367,21 @@ def run(smoke: bool, only: tuple[str, ...] = ()) -> dict[str, float]:
                   f"on: max_batch_size 8, max_queue_delay "
                   f"{batch_delay_us(server, f'{chosen[0].name}_on')} us")
             for workload in chosen:
+                if shape is not None:
+                    largest, share, batches = reproducibility(server, workload)
+                    print(f"{workload.name} at {workload.width}x{workload.height}, "
+                          f"{workload.steps} steps: alone vs in a batch of {CLIENTS} (Triton ran "
+                          f"{batches}): largest pixel difference {largest}/255, {share:.2%} of "
+                          f"values differ")
+                    continue
                 more_figures, more_rows = compare(server, analyzer, workload,
                                                   workdir / workload.name)
                 figures.update(more_figures)
                 rows += more_rows
         finally:
             server.stop()
+    if shape is not None:
+        return figures
     print_table(["model", "size", "steps", "clients", "batching", "requests", "req/s",
                  "p50 ms", "p95 ms"], rows)
     for name in (w.name for w in chosen):
@@ -382,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, narrow SD blocks, 1 round")
     parser.add_argument("--only", nargs="+", choices=["demo", "sd"], default=[],
                         help="measure these pipelines only")
+    parser.add_argument("--reproducibility", metavar="WxHxSTEPS",
+                        help="only compare images alone and batched, at this size and steps")
     args = parser.parse_args(argv)
-    print_summary(run(args.smoke, tuple(args.only)))
+    shape = tuple(int(v) for v in args.reproducibility.split("x")) if args.reproducibility else None
+    if shape is not None and len(shape) != 3:
+        parser.error("--reproducibility takes WIDTHxHEIGHTxSTEPS, e.g. 512x1024x15")
+    print_summary(run(args.smoke, tuple(args.only), shape))  # type: ignore[arg-type]
     return 0
 
 
