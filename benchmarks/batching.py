@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -44,32 +45,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import model_config_pb2
 
 from benchmarks import ceiling
+from benchmarks.gpu import SD15_UNET
+from benchmarks.nsfw import BENCH_DIR
 from benchmarks.perf_analyzer import Measurement, PerfAnalyzer
 from benchmarks.report import print_summary, print_table
-from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.demo_models import DEMO_DIR
 from gateway.triton import contract
 
-BENCH_DIR = PROJECT_ROOT / "models" / "bench"
 CLIENTS = 8
 PROMPT = "a quiet harbour at dawn"
 SEED = 1234
 DIFFUSION = contract.Model.DIFFUSION.value
 
-# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json); the values
-# diffusers' UNet2DConditionModel defaults to are repeated so that the shape reads in one place.
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
 # --smoke: the same blocks, narrow, so that the script's every path runs in seconds.
 SD15_UNET_NARROW = {**SD15_UNET, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
                     "norm_num_groups": 8}
@@ -110,7 +98,7 @@ class Workload:
         return {"data": entries}
 
 
-def build_sd_shaped(target: Path, unet_config: dict[str, object]) -> Path:
+def build_sd_shaped(target: Path, unet_config: dict[str, Any]) -> Path:
     """The demo pipeline with an SD-1.5-shaped UNet and a text encoder of SD's width."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -126,8 +114,8 @@ def build_sd_shaped(target: Path, unet_config: dict[str, object]) -> Path:
     text = demo.text_encoder.config
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=int(unet_config["cross_attention_dim"]),  # type: ignore[call-overload]
-        intermediate_size=4 * int(unet_config["cross_attention_dim"]),  # type: ignore[call-overload]
+        hidden_size=unet_config["cross_attention_dim"],
+        intermediate_size=4 * unet_config["cross_attention_dim"],
         num_attention_heads=12,
         num_hidden_layers=1,
         vocab_size=text.vocab_size,

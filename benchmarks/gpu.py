@@ -29,6 +29,9 @@ from collections.abc import Callable
 
 import torch
 
+# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json); the values
+# diffusers' UNet2DConditionModel defaults to are repeated so that the shape reads in one place.
+# benchmarks.batching builds its SD-shaped pipeline from this too.
 SD15_UNET = {
     "sample_size": 64,
     "in_channels": 4,

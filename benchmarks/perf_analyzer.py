@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from embedded.triton import PROJECT_ROOT, TritonServer, _pytriton_dist
+from benchmarks.nsfw import BENCH_DIR
+from embedded.triton import TritonServer, _pytriton_dist
 
-INSTALL_DIR = PROJECT_ROOT / "models" / "bench" / "perf_analyzer"
+INSTALL_DIR = BENCH_DIR / "perf_analyzer"
 # The sonames perf_analyzer links that the system lacks, found among nvidia-pytriton's libraries
 # (which carry a hash in their file names).
 BUNDLED = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
