@@ -1,8 +1,14 @@
-"""Text-to-image with any diffusers pipeline.
+"""Text-to-image with any diffusers pipeline, batched.
 
-Stops between denoising steps when the request is cancelled (gRPC deadline or cancel on a direct
-call) or when its `timeout_ms` request parameter has elapsed: Triton 2.51 does not pass a
-cancellation on to the first model of an ensemble, but it does pass request parameters.
+Triton's dynamic batcher hands `execute` several requests at once; those that can share a
+denoising pass (same size, steps, guidance) run as one pipeline call with a prompt, negative
+prompt and generator per image, the others in further calls one after the other.
+
+Each request stops between denoising steps when it is cancelled (gRPC deadline or cancel on a
+direct call) or when its `timeout_ms` request parameter has elapsed: Triton 2.51 does not pass a
+cancellation on to the first model of an ensemble, but it does pass request parameters. A
+stopped request is answered at once; its image stays in the pass (a batch cannot shrink
+mid-loop) until every request of the pass has stopped, and then the pass stops.
 """
 
 import json
@@ -22,10 +28,32 @@ class InvalidInput(ValueError):
     pass
 
 
-class Interrupted(Exception):
-    def __init__(self, reason, steps_run, steps):
-        super().__init__(f"generation {reason} after {steps_run} of {steps} steps")
-        self.reason = reason
+class PassStopped(Exception):
+    """Every request of a pass was cancelled or timed out: the pass ends early."""
+
+
+class Job:
+    """One request of a batch: its checked inputs and its one answer."""
+
+    def __init__(self, request, arrived):
+        self.request = request
+        self.sender = request.get_response_sender()
+        self.arrived = arrived
+        self.inputs = None
+        self.answered = False
+
+    def stop_reason(self):
+        if self.request.is_cancelled():
+            return "cancelled"
+        timeout_s = self.inputs["timeout_s"]
+        # Counted from when the batch reached the model, so waiting for another pass counts too.
+        if timeout_s is not None and time.monotonic() - self.arrived > timeout_s:
+            return "timeout"
+        return None
+
+    def answer(self, response):
+        self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.answered = True
 
 
 class TritonPythonModel:
@@ -41,6 +69,9 @@ class TritonPythonModel:
         self.max_steps = int(params.get("max_steps", "100"))
         self.max_guidance = float(params.get("max_guidance_scale", "30"))
         self.default_guidance = float(params.get("default_guidance_scale", "7.5"))
+        # Largest width x height x images of one pipeline call (0: no bound): a larger group of
+        # requests runs as several passes, so a batch of big images cannot exhaust the memory.
+        self.max_batch_pixels = int(params.get("max_batch_pixels", "0"))
         if int(params.get("torch_threads", "0")) > 0:
             torch.set_num_threads(int(params["torch_threads"]))
 
@@ -53,6 +84,16 @@ class TritonPythonModel:
             str(local), torch_dtype=dtype, local_files_only=True
         ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None and hasattr(vae, "enable_slicing"):
+            # Decodes a batch one image at a time: the same work, without a batch-sized peak of
+            # memory, and each image decoded exactly as it would be alone.
+            vae.enable_slicing()
+        # SDXL-family pipelines encode an absent negative prompt as zeros, unlike "": requests
+        # with and without one then cannot share a pass.
+        self.empty_negative_is_zeros = bool(
+            getattr(self.pipe.config, "force_zeros_for_empty_prompt", False)
+        )
         demo = (local / DEMO_MARKER).exists()
 
         self.info_family = pb_utils.MetricFamily(
@@ -72,10 +113,24 @@ class TritonPythonModel:
         self.info.set(1)
         self.steps_family = pb_utils.MetricFamily(
             name="imagegen_diffusion_steps_total",
-            description="Denoising steps run",
+            description="Denoising steps run, per image (a pass of n images adds n a step)",
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.steps_counter = self.steps_family.Metric(labels={"model": args["model_name"]})
+        # Images per pass (images / passes) is the batch the accelerator really ran: Triton's own
+        # inference/execution counts do not see a batch split by shape or by max_batch_pixels.
+        self.passes_family = pb_utils.MetricFamily(
+            name="imagegen_diffusion_passes_total",
+            description="Pipeline calls (denoising passes) started",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.passes = self.passes_family.Metric(labels={"model": args["model_name"]})
+        self.images_family = pb_utils.MetricFamily(
+            name="imagegen_diffusion_images_total",
+            description="Images the denoising passes started with",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.images = self.images_family.Metric(labels={"model": args["model_name"]})
         self.interrupted_family = pb_utils.MetricFamily(
             name="imagegen_diffusion_interrupted_total",
             description="Generations stopped early, by reason (cancelled, timeout)",
@@ -163,59 +218,112 @@ class TritonPythonModel:
         }
 
     def execute(self, requests):
-        responses = []
+        # Every request is answered through its own response sender (Triton 24.06+ allows it in
+        # the default mode, with nothing returned), so a request that fails its checks or is
+        # cancelled gets its answer at once instead of waiting for the passes of the others.
+        arrived = time.monotonic()
+        jobs = []
         for request in requests:
+            job = Job(request, arrived)
             try:
-                image = self._generate(request, self.check_inputs(request))
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("IMAGE", image[None])]))
+                job.inputs = self.check_inputs(request)
             except InvalidInput as exc:
-                responses.append(self._error(str(exc), pb_utils.TritonError.INVALID_ARG))
-            except Interrupted as exc:
-                self.interrupted[exc.reason].increment(1)
-                self.logger.log_info(f"diffusion: {exc}")
-                responses.append(self._error(str(exc), pb_utils.TritonError.CANCELLED))
-            except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
-                self.logger.log_error(f"diffusion: {type(exc).__name__}: {exc}")
-                responses.append(self._error(f"generation failed: {exc}", pb_utils.TritonError.INTERNAL))
-        return responses
+                job.answer(self._error(str(exc), pb_utils.TritonError.INVALID_ARG))
+                continue
+            jobs.append(job)
+        try:
+            for group in self._passes(jobs):
+                self._run(group)
+        finally:
+            for job in jobs:  # exactly one answer per request, whatever happened above
+                if not job.answered:
+                    job.answer(self._error("generation failed", pb_utils.TritonError.INTERNAL))
 
-    def _generate(self, request, inputs):
+    def _passes(self, jobs):
+        """Jobs that can share one pipeline call, in arrival order, within the pixel budget."""
+        groups = {}
+        for job in jobs:
+            inputs = job.inputs
+            key = (
+                inputs["width"],
+                inputs["height"],
+                inputs["num_inference_steps"],
+                inputs["guidance_scale"],
+                self.empty_negative_is_zeros and inputs["negative_prompt"] is None,
+            )
+            groups.setdefault(key, []).append(job)
+        for group in groups.values():
+            pixels = group[0].inputs["width"] * group[0].inputs["height"]
+            size = max(1, self.max_batch_pixels // pixels) if self.max_batch_pixels else len(group)
+            for start in range(0, len(group), size):
+                yield group[start : start + size]
+
+    def _stop(self, job, ran, steps):
+        """Answers the job CANCELLED when its caller cancelled or its timeout passed."""
+        reason = job.stop_reason()
+        if reason is None:
+            return False
+        self.interrupted[reason].increment(1)
+        message = f"generation {reason} after {ran} of {steps} steps"
+        self.logger.log_info(f"diffusion: {message}")
+        job.answer(self._error(message, pb_utils.TritonError.CANCELLED))
+        return True
+
+    def _run(self, group):
         import torch
 
-        started = time.monotonic()
-        timeout_s = inputs.pop("timeout_s")
-        steps = inputs["num_inference_steps"]
-        ran = 0
-
-        def stop_reason():
-            if request.is_cancelled():
-                return "cancelled"
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
-                return "timeout"
-            return None
+        first = group[0].inputs
+        steps = first["num_inference_steps"]
+        live = [job for job in group if not self._stop(job, 0, steps)]
+        if not live:
+            return
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
-            nonlocal ran
             ran = step + 1
-            self.steps_counter.increment(1)
-            reason = stop_reason()
-            if reason and ran < steps:
-                raise Interrupted(reason, ran, steps)
+            # Every image of the pass was computed, answered ones included.
+            self.steps_counter.increment(len(live))
+            if ran < steps:
+                for job in live:
+                    if not job.answered:
+                        self._stop(job, ran, steps)
+                if all(job.answered for job in live):
+                    raise PassStopped()
             return callback_kwargs
 
-        reason = stop_reason()
-        if reason:
-            raise Interrupted(reason, 0, steps)
-        # A CPU generator gives the same noise, hence the same image, for a seed on any device.
-        generator = torch.Generator("cpu").manual_seed(inputs.pop("seed"))
-        with torch.inference_mode():
-            result = self.pipe(
-                **inputs,
-                generator=generator,
-                output_type="np",
-                callback_on_step_end=on_step_end,
-            )
-        return (np.clip(result.images[0], 0, 1) * 255).round().astype(np.uint8)
+        negatives = [job.inputs["negative_prompt"] for job in live]
+        # Ensemble callers send "" for "none"; where the pipeline reads an absent negative prompt
+        # as "" (not SDXL's zeros), the two are the same and may share a pass.
+        negative = None if all(n is None for n in negatives) else [n or "" for n in negatives]
+        # One CPU generator per image: an image's starting noise depends on its seed alone, on
+        # any device and whatever else shares its pass.
+        generators = [torch.Generator("cpu").manual_seed(job.inputs["seed"]) for job in live]
+        self.passes.increment(1)
+        self.images.increment(len(live))
+        try:
+            with torch.inference_mode():
+                result = self.pipe(
+                    prompt=[job.inputs["prompt"] for job in live],
+                    negative_prompt=negative,
+                    width=first["width"],
+                    height=first["height"],
+                    num_inference_steps=steps,
+                    guidance_scale=first["guidance_scale"],
+                    generator=generators,
+                    output_type="np",
+                    callback_on_step_end=on_step_end,
+                )
+        except PassStopped:
+            return
+        except Exception as exc:  # noqa: BLE001 - answered per request; other passes go on
+            self.logger.log_error(f"diffusion: {type(exc).__name__}: {exc}")
+            for job in live:
+                if not job.answered:
+                    job.answer(self._error(f"generation failed: {exc}", pb_utils.TritonError.INTERNAL))
+            return
+        for job, image in zip(live, result.images):
+            if not job.answered:
+                pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+                job.answer(pb_utils.InferenceResponse([pb_utils.Tensor("IMAGE", pixels[None])]))
 
     @staticmethod
     def _error(message, code):
