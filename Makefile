@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 
 # Small random-weight demo models, built offline; skipped for what is already there.
 models: $(STAMP)
+	@echo "Demo models (random weights) for models/demo and model_repository/nsfw/1 (first time: about 30 s; then skipped)"
 	@$(BIN)/python -m export.demo_models
 
 # promtool, prometheus and docker-compose for tests/deploy: apt-get as root when missing.

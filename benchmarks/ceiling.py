@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.nsfw import quiet_root_logger
+from export.quiet import quiet_root_logger
 
 INT8_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "amx_int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")

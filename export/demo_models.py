@@ -24,6 +24,7 @@ from export.nsfw import DEFAULT_OUTPUT as NSFW_REPOSITORY_DIR
 from export.nsfw import DEMO_MARKER, FAST_KINDS, PROJECT_ROOT
 from export.nsfw import FORMAT as NSFW_FORMAT
 from export.nsfw import export as export_nsfw
+from export.quiet import quiet_libraries
 
 log = logging.getLogger("export.demo_models")
 
@@ -177,6 +178,7 @@ def build_vit_classifier(target: Path, shape: str = "demo") -> None:
     work.rename(target)
 
 
+@quiet_libraries()
 def build(demo_dir: Path = DEMO_DIR, nsfw_dir: Path = NSFW_REPOSITORY_DIR, force: bool = False) -> None:
     import shutil
 

@@ -28,6 +28,16 @@ def test_ready_with_both_ensembles_and_the_loaded_models(triton_client: FlaskCli
     assert body["problems"] == []
 
 
+def test_the_loaded_sources_read_alike(triton_client: FlaskClient) -> None:
+    # Both demo models come from folders: each is reported as an absolute path, not one as the
+    # config's relative string and the other as the exporter's absolute one.
+    loaded = triton_client.get("/readyz").json["loaded"]
+    for model in ("diffusion", "nsfw"):
+        source = Path(loaded[model]["source"])
+        assert source.is_absolute() and source.is_dir(), (model, source)
+        assert ".." not in source.parts, (model, source)
+
+
 def test_an_unreadable_metrics_endpoint_is_reported_but_not_fatal(
     make_app: Any, triton_settings: Settings
 ) -> None:

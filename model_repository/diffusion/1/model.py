@@ -76,7 +76,7 @@ class TritonPythonModel:
             torch.set_num_threads(int(params["torch_threads"]))
 
         source = os.environ.get("IMAGEGEN_DIFFUSION_MODEL") or params["model"]
-        local = self._resolve(source, Path(args["model_repository"]))
+        source, local = self._resolve(source, Path(args["model_repository"]))
         gpu = args["model_instance_kind"] == "GPU"
         self.device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
         dtype = torch.float16 if gpu else torch.float32
@@ -148,15 +148,17 @@ class TritonPythonModel:
 
     @staticmethod
     def _resolve(source, model_dir):
+        """(what to report, the folder to load): a folder is reported as its absolute path, a
+        hub id as itself, as the nsfw model reports its own."""
         path = Path(source)
         if not path.is_absolute():
             path = (model_dir / path).resolve()
         if path.is_dir():
-            return path
+            return str(path), path
         from huggingface_hub import snapshot_download
 
         # Real weights come from the Hugging Face cache; nothing is ever downloaded at load time.
-        return Path(snapshot_download(source, local_files_only=True))
+        return source, Path(snapshot_download(source, local_files_only=True))
 
     def check_inputs(self, request):
         def scalar(name, required=True):
