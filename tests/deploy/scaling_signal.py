@@ -50,6 +50,22 @@ POD = "imagegen-triton-5d8f7c9b4-x2k8q"
 UNREADY_POD = "imagegen-triton-5d8f7c9b4-loading"
 
 
+def saturating_clients() -> int:
+    """Callers that keep two passes waiting behind the running one: diffusion batches up to its
+    max_batch_size same-shape requests into one pass, so fewer callers than that never queue
+    (they all ride in each pass) and the ratio would say, rightly, that nothing waits."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from embedded.triton import DEFAULT_REPOSITORY
+
+    config = text_format.Parse(
+        (DEFAULT_REPOSITORY / "diffusion" / "config.pbtxt").read_text(),
+        model_config_pb2.ModelConfig(),
+    )
+    return 3 * max(1, config.max_batch_size)
+
+
 def quantity(value: str | float) -> float:
     """A Kubernetes quantity as the HPA reads it ("1", "500m", "1.5")."""
     text = str(value)
@@ -184,7 +200,8 @@ class Prometheus(ManagedProcess):
 
 class Load:
     """`clients` threads, each calling the txt2img ensemble (what the gateway calls) back to back
-    over gRPC until stopped: with one diffusion instance, all but one of them wait in its queue."""
+    over gRPC until stopped: with one diffusion instance, all but the requests of the running pass
+    wait in its queue."""
 
     def __init__(self, grpc_url: str, clients: int, size: int, steps: int) -> None:
         self.grpc_url, self.clients, self.size, self.steps = grpc_url, clients, size, steps
@@ -369,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", default="1m", help="rate window of the rule (shipped: 1m)")
     parser.add_argument("--scrape-interval", default="5s", help="scrape and evaluation interval")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent callers (default 4)")
+    parser.add_argument("--clients", type=int, default=saturating_clients(),
+                        help="concurrent callers (default: 3 passes, 3 x diffusion's max_batch_size)")
     parser.add_argument("--load-s", type=float, default=180, help="seconds of load")
     parser.add_argument("--cool-s", type=float, default=180, help="longest wait after the load")
     parser.add_argument("--sample-s", type=float, default=5, help="seconds between samples")

@@ -1,6 +1,7 @@
 """The Triton autoscaling signal, measured (tests/deploy/scaling_signal.py): a real Prometheus,
 with deploy/prometheus/kubernetes.yml's triton job and the recording rule, scrapes the session's
-Triton (one diffusion instance) while four clients call txt2img back to back, then stop. The
+Triton (one diffusion instance) while three passes' worth of clients (diffusion batches up to
+its max_batch_size requests into one pass) call txt2img back to back, then stop. The
 ratio the HPA would read through prometheus-adapter's query must rise above the HPA's target
 under load and fall below it once the load stops.
 
@@ -25,7 +26,7 @@ def test_queue_pressure_crosses_the_hpa_target_and_back(triton: Any, tmp_path: P
         require("prometheus"), tmp_path, metrics, "20s", "1s"
     ) as prom:
         result = scaling_signal.measure(
-            prom, triton.grpc_url, clients=4, load_s=90, cool_s=75, sample_s=2, enough_above=3
+            prom, triton.grpc_url, clients=scaling_signal.saturating_clients(), load_s=90, cool_s=75, sample_s=2, enough_above=3
         )
     print(scaling_signal.summary(result))
     shown = "\n".join(f"{s.t:6.1f}s {s.phase} {s.ratio}" for s in result.samples)
@@ -36,7 +37,8 @@ def test_queue_pressure_crosses_the_hpa_target_and_back(triton: Any, tmp_path: P
     assert result.errors == []
     load, cool = result.values("load"), result.values("cool")
     assert load and cool, shown
-    # Four callers on one instance: about three wait behind it (3 on a quiet machine).
+    # Three passes' worth of callers on one instance: about two passes wait behind the running
+    # one (each request's compute is its whole pass's), so the ratio nears 2.
     assert max(load) > result.target, shown
     assert result.first_time("load", above=True) is not None, shown
     assert cool[-1] < result.target, shown
