@@ -51,6 +51,7 @@ from benchmarks.perf_analyzer import Measurement, PerfAnalyzer
 from benchmarks.report import print_summary, print_table
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.demo_models import DEMO_DIR
+from export.quiet import quiet_libraries
 from gateway.triton import contract
 
 CLIENTS = 8
@@ -333,6 +334,7 @@ def compare(server: TritonServer, analyzer: PerfAnalyzer, workload: Workload,
     return figures, rows
 
 
+@quiet_libraries()
 def run(smoke: bool, only: tuple[str, ...] = (), shape: tuple[int, int, int] | None = None
         ) -> dict[str, float]:
     """Every figure; with `shape` (width, height, steps), only the reproducibility check there."""

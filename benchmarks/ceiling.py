@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.quiet import quiet_root_logger
+from export.quiet import no_console_output, quiet_root_logger
 
 INT8_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "amx_int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -191,7 +191,8 @@ def openvino_runs(
     model = core.read_model(str(path))
     nncf.set_log_level(logging.ERROR)
     # As export.nsfw quantizes: static int8, activations calibrated (here on the input itself).
-    int8 = nncf.quantize(model.clone(), nncf.Dataset([x]), subset_size=1)
+    with no_console_output():
+        int8 = nncf.quantize(model.clone(), nncf.Dataset([x]), subset_size=1)
     plans = [("fp32", model, "f32"), ("int8", int8, "f32")]
     if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         plans.append(("bf16", model, "bf16"))

@@ -31,6 +31,7 @@ from benchmarks.report import Timings, print_summary, print_table
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
 from export.demo_models import DEMO_DIR, build_vit_classifier
 from export.nsfw import FAST_TOLERANCE, FORMAT, export
+from export.quiet import quiet_libraries
 
 BENCH_DIR = PROJECT_ROOT / "models" / "bench"
 IMAGE_SIZE = (1024, 512)  # height, width: the spec's default request
@@ -99,6 +100,7 @@ def compute_seconds(client: Any, model: str, inputs: list[Any]) -> float:
     return (latest[1] - before) / 1e9
 
 
+@quiet_libraries()
 def run(runs: int, smoke: bool) -> dict[str, float]:
     import tritonclient.grpc as grpcclient
     from PIL import Image

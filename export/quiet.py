@@ -1,9 +1,9 @@
-"""Third-party chatter turned down while the exporters run.
+"""Third-party chatter turned down while the exporters and benchmarks run.
 
-What the libraries print during an export is harmless but reads like trouble to a newcomer:
-transformers' "requires torchvision; falling back" and config notices, tqdm bars for a 1-shard
-save, NNCF's progress bar, onnxruntime's quantizer narrating every node. Real warnings of our own
-(the export.* loggers) and errors still show.
+What the libraries print while building models is harmless but reads like trouble to a
+newcomer: transformers' "requires torchvision; falling back" and config notices, diffusers'
+dtype notices, tqdm bars for a 1-shard save, NNCF's progress bar, onnxruntime's quantizer
+narrating every node. Our own log lines (the export.* loggers) and errors still show.
 """
 
 from __future__ import annotations
@@ -29,22 +29,26 @@ def quiet_root_logger() -> Iterator[None]:
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """transformers' and huggingface_hub's notices and progress bars off, restored after."""
+    """transformers', diffusers' and huggingface_hub's notices and progress bars off, restored
+    after."""
     import huggingface_hub.utils as hub
-    from transformers.utils import logging as hf_logging
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+             for lib in (transformers_logging, diffusers_logging)]
     hub_bars_off = hub.are_progress_bars_disabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     hub.disable_progress_bars()
     try:
         yield
     finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
         if not hub_bars_off:
             hub.enable_progress_bars()
 
