@@ -187,6 +187,12 @@ def variants_client(
         name = "nsfw_" + info["kind"].replace("-", "_")
         _variant(repository, "nsfw", name,
                  {'string_value: "auto"': f'string_value: "{faithful_export / file}"'})
+    # As deployments mount it: a folder, once whole, once with only the reference file copied.
+    reference_only = tmp_path_factory.mktemp("reference-only")
+    for file in ("model.onnx", "nsfw.json"):
+        shutil.copy(faithful_export / file, reference_only / file)
+    for name, folder in (("nsfw_folder", faithful_export), ("nsfw_reference_only", reference_only)):
+        _variant(repository, "nsfw", name, {'string_value: "auto"': f'string_value: "{folder}"'})
     server = TritonServer.on_free_ports(repository, tmp_path_factory.mktemp("variants-triton"))
     yield grpcclient.InferenceServerClient(server.grpc_url)
     server.stop()
@@ -222,6 +228,22 @@ def test_auto_serves_the_exporters_choice(
     auto = [score_concurrently(variants_client, [image], "nsfw_auto")[0] for image in images]
     pinned = [score_concurrently(variants_client, [image], chosen)[0] for image in images]
     assert auto == pinned
+
+
+def test_a_folder_serves_the_exporters_choice_or_the_reference_copied_alone(
+    variants_client: grpcclient.InferenceServerClient, faithful_export: Path
+) -> None:
+    spec = json.loads((faithful_export / "nsfw.json").read_text())
+    chosen = "nsfw_" + spec["variants"][spec["serve"]]["kind"].replace("-", "_")
+    images = sample_images(seed=7)
+
+    def scores(model: str) -> list[tuple[float, str]]:
+        return [score_concurrently(variants_client, [image], model)[0] for image in images]
+
+    assert scores("nsfw_folder") == scores(chosen)
+    fp32 = scores("nsfw_onnx_fp32")
+    assert scores("nsfw_reference_only") == fp32
+    assert fp32 != scores(chosen)  # the two cases above can be told apart
 
 
 @pytest.mark.parametrize("file", ["model.onnx", "model.int8.onnx", OPENVINO_FILE])

@@ -78,18 +78,25 @@ class TritonPythonModel:
 
     @staticmethod
     def _model_path(name, version_dir, gpu):
+        """The file to serve. `name` is "auto" (the exporter's choice in this version folder), a
+        folder (the exporter's choice in that folder: what deployments mount), or a file."""
+        folder = version_dir
         if name != "auto":
             path = Path(name)
-            return path if path.is_absolute() else version_dir / path
+            path = path if path.is_absolute() else version_dir / path
+            if not path.is_dir():
+                return path
+            folder = path
         # The variants are CPU choices (int8, OpenVINO); a GPU runs the reference file on CUDA.
         if gpu:
-            return version_dir / REFERENCE_FILE
-        # The exporter recorded which file to serve: the fastest whose parity held.
+            return folder / REFERENCE_FILE
+        # The exporter recorded which file to serve: the fastest whose parity held. A folder
+        # filled with the reference file alone (the variants not copied) serves that file.
         try:
-            chosen = json.loads((version_dir / "nsfw.json").read_text()).get("serve", REFERENCE_FILE)
+            chosen = json.loads((folder / "nsfw.json").read_text()).get("serve", REFERENCE_FILE)
         except (OSError, ValueError):
             chosen = REFERENCE_FILE
-        return version_dir / chosen
+        return folder / (chosen if (folder / chosen).exists() else REFERENCE_FILE)
 
     def execute(self, requests):
         started = time.monotonic()
