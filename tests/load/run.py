@@ -40,7 +40,7 @@ from typing_extensions import Self
 
 from embedded.triton import TritonServer
 from tests.load.flaky_storage import FlakyStorage
-from tests.load.replicas import ReplicaGroup, kill, restart, terminate
+from tests.load.replicas import ReplicaGroup, kill, terminate
 
 
 @dataclass(frozen=True)
@@ -252,13 +252,36 @@ class RssSampler:
         self.peak = max(self.peak, self.read())
 
 
-def crash_and_restart(server: TritonServer, timeout: float = 300.0) -> float:
+@dataclass(frozen=True)
+class Outage:
+    """A crashed Triton's way back, in time.monotonic()."""
+
+    killed: float
+    # When the last readiness probe that failed was sent: Triton served nothing before it. Past
+    # it, the gateway may be served before the restart has seen Triton ready itself.
+    last_seen_down: float
+    ready: float
+
+    @property
+    def down_s(self) -> float:
+        return self.ready - self.killed
+
+
+def crash_and_restart(server: TritonServer, timeout: float = 300.0) -> Outage:
     """SIGKILL Triton and its backend stubs (a crash, not a drain), then start it again on the
-    same ports; returns the seconds it was down."""
-    down = time.monotonic()
+    same ports and wait until it is ready."""
+    killed = last_seen_down = time.monotonic()
     kill(server)
-    restart(server, timeout)
-    return time.monotonic() - down
+    server.start()
+    deadline = killed + timeout
+    while True:
+        probed = time.monotonic()
+        if server.is_ready():
+            return Outage(killed, last_seen_down, time.monotonic())
+        last_seen_down = probed
+        if probed > deadline or (server.process is not None and server.process.poll() is not None):
+            server.wait_ready(timeout=1)  # raises, naming the exit status or the log
+        time.sleep(server.poll_interval_s)
 
 
 def gateway_calls(gateway_url: str) -> tuple[Counter[tuple[str, str]], Counter[str]]:
@@ -388,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                     wait_until(
                         lambda: answered(outcomes) >= args.restart_triton_after, 3600, "answers"
                     )
-                    print(f"Triton crashed and back after {crash_and_restart(triton):.1f}s", flush=True)
+                    print(f"Triton crashed and back after {crash_and_restart(triton).down_s:.1f}s",
+                          flush=True)
                 if args.stop_replica:
                     wait_until(lambda: answered(outcomes) >= stop_after, 3600, "answers")
                     extra.append(stop_replica(group, args.stop_replica, answered(outcomes)))
