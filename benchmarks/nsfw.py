@@ -30,7 +30,7 @@ from benchmarks import ceiling
 from benchmarks.report import Timings, print_summary, print_table
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
 from export.demo_models import DEMO_DIR, build_vit_classifier
-from export.nsfw import FAST_TOLERANCE, FORMAT, export
+from export.nsfw import FAST_TOLERANCE, FORMAT, export, variant_model_name
 from export.quiet import quiet_libraries
 
 BENCH_DIR = PROJECT_ROOT / "models" / "bench"
@@ -57,16 +57,12 @@ def served_file(exported: Path) -> Path:
     return exported / json.loads((exported / "nsfw.json").read_text())["serve"]
 
 
-def model_name(kind: str) -> str:
-    return "nsfw_" + kind.replace("-", "_")
-
-
 def repository(exported: Path, workdir: Path) -> Path:
     """A repository with one nsfw model per exported variant, each pinned to its file."""
     repo = workdir / "repository"
     variants = json.loads((exported / "nsfw.json").read_text())["variants"]
     for file, info in variants.items():
-        name = model_name(info["kind"])
+        name = variant_model_name(info["kind"])
         shutil.copytree(DEFAULT_REPOSITORY / "nsfw", repo / name)
         config = (repo / name / "config.pbtxt").read_text()
         config = config.replace('name: "nsfw"', f'name: "{name}"')
@@ -155,10 +151,10 @@ def run(runs: int, smoke: bool) -> dict[str, float]:
     rows = [("pipeline (transformers, fp32)", "", timings["pipeline"].p50_ms,
              timings["pipeline"].p90_ms, best_ms("pipeline"), "", "")]
     by_kind = {info["kind"]: (file, info) for file, info in spec["variants"].items()}
-    for kind, (file, info) in sorted(by_kind.items(), key=lambda i: timings[model_name(i[0])].p50_ms):
-        t = timings[model_name(kind)]
+    for kind, (file, info) in sorted(by_kind.items(), key=lambda i: timings[variant_model_name(i[0])].p50_ms):
+        t = timings[variant_model_name(kind)]
         mark = " (served)" if file == spec["serve"] else ""
-        rows.append((kind + mark, info["runtime"], t.p50_ms, t.p90_ms, best_ms(model_name(kind)),
+        rows.append((kind + mark, info["runtime"], t.p50_ms, t.p90_ms, best_ms(variant_model_name(kind)),
                      f"{info['parity_max_abs_diff']:.3g}", f"{t.p50_ms / floor:.2f}"))
     print(f"NSFW step, one {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]} image, {runs} interleaved runs "
           f"({source.name}; Triton: per-request compute from its statistics, preprocessing "
@@ -170,17 +166,17 @@ def run(runs: int, smoke: bool) -> dict[str, float]:
     print(f"served by default: {spec['serve']} ({served['kind']}): {spec['serve_reason']}")
     faithful = [k for k, (_, info) in by_kind.items()
                 if info["parity_max_abs_diff"] <= FAST_TOLERANCE or info["precision"] == "fp32"]
-    fastest = min(faithful, key=lambda k: timings[model_name(k)].p50_ms)
+    fastest = min(faithful, key=lambda k: timings[variant_model_name(k)].p50_ms)
     print(f"fastest variant within parity in this run: {fastest}"
           + ("" if fastest == served["kind"] else f" (not the served {served['kind']})"))
     print(ceiling.describe(shape, best))
-    p50 = timings[model_name(served["kind"])].p50_ms
+    p50 = timings[variant_model_name(served["kind"])].p50_ms
     print(f"the int8 MLP ({floor_runtime}) again every round beside the runs, best of a short "
           f"burst, as the model's floor: p50 {floor_samples.p50_ms:.3g} ms, "
           f"best {min(floor_samples.seconds) * 1000:.3g} ms")
     print(f"int8 floor: {floor:.3g} ms ({floor_runtime}), the best of all the floor's runs")
     print(f"served {served['kind']}: p50 {p50:.1f} ms, {p50 / floor:.2f}x the int8 floor; "
-          f"its best run {best_ms(model_name(served['kind'])) / floor:.2f}x; its p50 over the "
+          f"its best run {best_ms(variant_model_name(served['kind'])) / floor:.2f}x; its p50 over the "
           f"floor's p50 beside it {p50 / floor_samples.p50_ms:.2f}x (both under the same noise)")
     return {
         "nsfw_speedup_vs_pipeline": timings["pipeline"].p50_ms / p50,

@@ -442,6 +442,12 @@ def resolve_source(model: str) -> tuple[str, bool]:
     return local, (Path(local) / DEMO_MARKER).exists()
 
 
+def variant_model_name(kind: str) -> str:
+    """The Triton model name a variant is served under when each is a model of its own
+    (benchmarks.nsfw, tests/models/test_nsfw.py): `onnx-int8` -> `nsfw_onnx_int8`."""
+    return "nsfw_" + kind.replace("-", "_")
+
+
 def choose_variants(int8: bool, kinds: Sequence[str] | None) -> list[Variant]:
     """The faster variants asked for (by default all that this machine can build), in
     VARIANTS' order."""

@@ -54,16 +54,10 @@ def saturating_clients() -> int:
     """Callers that keep two passes waiting behind the running one: diffusion batches up to its
     max_batch_size same-shape requests into one pass, so fewer callers than that never queue
     (they all ride in each pass) and the ratio would say, rightly, that nothing waits."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    from gateway.triton.contract import Model
+    from tests.models.helpers import model_config
 
-    from embedded.triton import DEFAULT_REPOSITORY
-
-    config = text_format.Parse(
-        (DEFAULT_REPOSITORY / "diffusion" / "config.pbtxt").read_text(),
-        model_config_pb2.ModelConfig(),
-    )
-    return 3 * max(1, config.max_batch_size)
+    return 3 * max(1, model_config(Model.DIFFUSION.value).max_batch_size)
 
 
 def quantity(value: str | float) -> float:

@@ -7,14 +7,26 @@ import re
 import shutil
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from embedded.triton import DEFAULT_REPOSITORY
+from export.nsfw import VARIANTS
 from gateway.triton import contract
+
+T = TypeVar("T")
+
+
+def model_config(model: str) -> model_config_pb2.ModelConfig:
+    """The real repository's config.pbtxt of `model`, parsed."""
+    text = (DEFAULT_REPOSITORY / model / "config.pbtxt").read_text()
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 def tensors(**values: Any) -> list[grpcclient.InferInput]:
@@ -64,17 +76,12 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
     return total
 
 
-def executions(client: grpcclient.InferenceServerClient, model: str, quiet_s: float = 0.5) -> int:
-    """A model's execution count once it has stopped moving for `quiet_s`.
+def settled(read: Callable[[], T], quiet_s: float = 0.5) -> T:
+    """What `read` returns once it has stopped changing for `quiet_s`.
 
     Triton records statistics after it sends the response, and the session's server is shared,
-    so a count read straight after another request can still move.
+    so a figure read straight after another request can still move.
     """
-
-    def read() -> int:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-        return int(stats.get("execution_count", 0))
-
     value, since = read(), time.monotonic()
     while time.monotonic() - since < quiet_s:
         time.sleep(0.1)
@@ -82,6 +89,16 @@ def executions(client: grpcclient.InferenceServerClient, model: str, quiet_s: fl
         if latest != value:
             value, since = latest, time.monotonic()
     return value
+
+
+def executions(client: grpcclient.InferenceServerClient, model: str, quiet_s: float = 0.5) -> int:
+    """A model's execution count once it has stopped moving for `quiet_s`."""
+
+    def read() -> int:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        return int(stats.get("execution_count", 0))
+
+    return settled(read, quiet_s)
 
 
 def repository_variant(
@@ -102,18 +119,31 @@ def repository_variant(
     return target
 
 
+# The OpenVINO int8 file of an export (export.demo_models builds it for the demo classifier).
+OPENVINO_FILE = next(v.file for v in VARIANTS if v.kind == "openvino-int8")
+# The variants of failing_nsfw_repository and the status each answers with.
+FAILING_NSFW = {"slow": "timeout", "broken": "error",
+                "slow_openvino": "timeout", "broken_openvino": "error"}
+
+
 def failing_nsfw_repository(repository: Path) -> Path:
     """The real repository plus NSFW classifiers that fail safe: `nsfw_slow` (a budget nothing
-    meets: status timeout) and `nsfw_broken` (an ONNX file that cannot load: status error), each
-    also behind its own `txt2img_nsfw_slow` / `txt2img_nsfw_broken` ensemble."""
+    meets: status timeout) and `nsfw_broken` (an ONNX file that cannot load: status error), the
+    same two with OpenVINO serving (`nsfw_slow_openvino`, `nsfw_broken_openvino`), each also
+    behind its own `txt2img_nsfw_<variant>` ensemble."""
     for model in ("diffusion", "upscaler", "nsfw", "txt2img", "txt2img_nsfw"):
         shutil.copytree(DEFAULT_REPOSITORY / model, repository / model)
     budget = '"budget_ms"\n    value: { string_value: "5000" }'
-    repository_variant(repository, "nsfw", "nsfw_slow", {budget: budget.replace("5000", "0.001")})
+    slow = {budget: budget.replace("5000", "0.001")}
+    repository_variant(repository, "nsfw", "nsfw_slow", slow)
     broken = repository_variant(repository, "nsfw", "nsfw_broken")
     served = json.loads((broken / "1" / "nsfw.json").read_text())["serve"]
     (broken / "1" / served).write_bytes(b"this is not an ONNX protobuf" * 10)
-    for variant in ("slow", "broken"):
+    openvino = {'string_value: "auto"': f'string_value: "{OPENVINO_FILE}"'}
+    repository_variant(repository, "nsfw", "nsfw_slow_openvino", {**slow, **openvino})
+    broken = repository_variant(repository, "nsfw", "nsfw_broken_openvino", openvino)
+    (broken / "1" / OPENVINO_FILE).write_bytes(b"<net>not an OpenVINO model</net>")
+    for variant in FAILING_NSFW:
         repository_variant(
             repository,
             "txt2img_nsfw",

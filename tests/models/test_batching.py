@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from gateway.triton import contract
-from tests.models.helpers import generation, metric, tensors
+from tests.models.helpers import generation, metric, model_config, settled, tensors
 
 DIFFUSION = contract.Model.DIFFUSION.value
 # The largest difference a seed's image may show between running alone and sharing a pass:
@@ -69,13 +68,7 @@ def batch_sizes(client: grpcclient.InferenceServerClient, quiet_s: float = 0.5) 
             for entry in stats.get("batch_stats", [])
         }
 
-    value, since = read(), time.monotonic()
-    while time.monotonic() - since < quiet_s:
-        time.sleep(0.1)
-        latest = read()
-        if latest != value:
-            value, since = latest, time.monotonic()
-    return value
+    return settled(read, quiet_s)
 
 
 def wait_for(condition: Any, what: str, timeout_s: float = 120) -> None:
@@ -276,7 +269,7 @@ def gathering(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     to 3 s for company and whose passes hold two 64x64 images at most."""
     repository = tmp_path_factory.mktemp("gathering-repository")
     source = DEFAULT_REPOSITORY / DIFFUSION
-    config = text_format.Parse((source / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = model_config(DIFFUSION)
     config.dynamic_batching.max_queue_delay_microseconds = 3_000_000
     config.parameters["max_batch_pixels"].string_value = str(2 * 64 * 64)
     (repository / DIFFUSION).mkdir()

@@ -3,22 +3,18 @@ every name and datatype the clients send or read is what the models declare."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from embedded.triton import DEFAULT_REPOSITORY
 from gateway.triton import contract
+from tests.models.helpers import model_config
 
 ENSEMBLES = (contract.Model.TXT2IMG, contract.Model.TXT2IMG_NSFW)
 
 
 def config(model: contract.Model) -> model_config_pb2.ModelConfig:
-    text = (Path(DEFAULT_REPOSITORY) / model.value / "config.pbtxt").read_text()
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
+    return model_config(model.value)
 
 
 def declared(tensors: object) -> dict[str, str]:

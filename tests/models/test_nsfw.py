@@ -23,12 +23,18 @@ from export.nsfw import (
     photos,
     reference_scores,
     sample_images,
+    variant_model_name,
 )
-from tests.models.helpers import executions, generation, tensors
+from tests.models.helpers import (
+    FAILING_NSFW,
+    OPENVINO_FILE,
+    executions,
+    generation,
+    repository_variant,
+    tensors,
+)
 
 PARITY = 1e-4
-# The demo repository's OpenVINO int8 file (built by export.demo_models, served by name here).
-OPENVINO_FILE = "model.openvino-int8.xml"
 
 
 @pytest.fixture(scope="module")
@@ -88,59 +94,13 @@ def test_a_request_with_a_wrong_shape_is_invalid_arg(client: grpcclient.Inferenc
     assert score_concurrently(client, [np.zeros((8, 8, 3), dtype=np.uint8)])[0][1] == "ok"
 
 
-def _variant(repository: Path, source: str, name: str, replace: dict[str, str]) -> Path:
-    config = (DEFAULT_REPOSITORY / source / "config.pbtxt").read_text()
-    for old, new in {f'name: "{source}"': f'name: "{name}"', **replace}.items():
-        assert old in config, old
-        config = config.replace(old, new)
-    target = repository / name
-    if (DEFAULT_REPOSITORY / source / "1").exists():
-        shutil.copytree(DEFAULT_REPOSITORY / source / "1", target / "1")
-    (target / "1").mkdir(parents=True, exist_ok=True)
-    (target / "config.pbtxt").write_text(config)
-    return target
-
-
 @pytest.fixture(scope="module")
-def failing_nsfw(
-    demo_models: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[grpcclient.InferenceServerClient]:
-    """A second Triton whose NSFW models time out (tiny budget) or cannot load (corrupt ONNX)."""
-    repository = tmp_path_factory.mktemp("failsafe-repository")
-    shutil.copytree(DEFAULT_REPOSITORY / "diffusion", repository / "diffusion")
-    shutil.copytree(DEFAULT_REPOSITORY / "upscaler", repository / "upscaler")
-    budget = '"budget_ms"\n    value: { string_value: "5000" }'
-    _variant(repository, "nsfw", "nsfw_slow", {budget: budget.replace("5000", "0.001")})
-    broken = _variant(repository, "nsfw", "nsfw_broken", {})
-    served = json.loads((broken / "1" / "nsfw.json").read_text())["serve"]
-    (broken / "1" / served).write_bytes(b"this is not an ONNX protobuf" * 10)
-    # The same two failures with the OpenVINO runtime serving.
-    openvino = {'string_value: "auto"': f'string_value: "{OPENVINO_FILE}"'}
-    _variant(repository, "nsfw", "nsfw_slow_openvino",
-             {budget: budget.replace("5000", "0.001"), **openvino})
-    broken = _variant(repository, "nsfw", "nsfw_broken_openvino", openvino)
-    (broken / "1" / OPENVINO_FILE).write_bytes(b"<net>not an OpenVINO model</net>")
-    for variant in ("slow", "broken", "slow_openvino", "broken_openvino"):
-        _variant(
-            repository,
-            "txt2img_nsfw",
-            f"txt2img_nsfw_{variant}",
-            {'model_name: "nsfw"': f'model_name: "nsfw_{variant}"'},
-        )
-    server = TritonServer.on_free_ports(
-        repository,
-        tmp_path_factory.mktemp("failsafe-triton"),
-        env={"IMAGEGEN_DIFFUSION_MODEL": str(demo_models / "diffusion")},
-    )
-    yield grpcclient.InferenceServerClient(server.grpc_url)
-    server.stop()
+def failing_nsfw(failing_nsfw_triton: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(failing_nsfw_triton.grpc_url) as client:
+        yield client
 
 
-@pytest.mark.parametrize(
-    ("variant", "status"),
-    [("slow", "timeout"), ("broken", "error"),
-     ("slow_openvino", "timeout"), ("broken_openvino", "error")],
-)
+@pytest.mark.parametrize(("variant", "status"), list(FAILING_NSFW.items()))
 def test_fail_safe_still_returns_the_image_with_score_one(
     failing_nsfw: grpcclient.InferenceServerClient, variant: str, status: str
 ) -> None:
@@ -184,15 +144,15 @@ def variants_client(
     (auto / "config.pbtxt").write_text(config.replace('name: "nsfw"', 'name: "nsfw_auto"'))
     spec = json.loads((faithful_export / "nsfw.json").read_text())
     for file, info in spec["variants"].items():
-        name = "nsfw_" + info["kind"].replace("-", "_")
-        _variant(repository, "nsfw", name,
+        name = variant_model_name(info["kind"])
+        repository_variant(repository, "nsfw", name,
                  {'string_value: "auto"': f'string_value: "{faithful_export / file}"'})
     # As deployments mount it: a folder, once whole, once with only the reference file copied.
     reference_only = tmp_path_factory.mktemp("reference-only")
     for file in ("model.onnx", "nsfw.json"):
         shutil.copy(faithful_export / file, reference_only / file)
     for name, folder in (("nsfw_folder", faithful_export), ("nsfw_reference_only", reference_only)):
-        _variant(repository, "nsfw", name, {'string_value: "auto"': f'string_value: "{folder}"'})
+        repository_variant(repository, "nsfw", name, {'string_value: "auto"': f'string_value: "{folder}"'})
     server = TritonServer.on_free_ports(repository, tmp_path_factory.mktemp("variants-triton"))
     yield grpcclient.InferenceServerClient(server.grpc_url)
     server.stop()
@@ -207,7 +167,7 @@ def test_every_variant_scores_as_its_export_measured_whichever_runtime_serves(
     expected = reference_scores(spec["source"], images, "nsfw")
     assert np.ptp(expected) > 0.01
     for info in spec["variants"].values():
-        name = "nsfw_" + info["kind"].replace("-", "_")
+        name = variant_model_name(info["kind"])
         served = [score_concurrently(variants_client, [image], name)[0] for image in images]
         assert [status for _, status in served] == ["ok"] * len(images), name
         differences = np.abs(np.array([score for score, _ in served]) - expected)
@@ -223,7 +183,7 @@ def test_auto_serves_the_exporters_choice(
 ) -> None:
     spec = json.loads((faithful_export / "nsfw.json").read_text())
     assert spec["serve"] != "model.onnx"  # a faster variant held parity on this model
-    chosen = "nsfw_" + spec["variants"][spec["serve"]]["kind"].replace("-", "_")
+    chosen = variant_model_name(spec["variants"][spec["serve"]]["kind"])
     images = sample_images(seed=6)
     auto = [score_concurrently(variants_client, [image], "nsfw_auto")[0] for image in images]
     pinned = [score_concurrently(variants_client, [image], chosen)[0] for image in images]
@@ -234,7 +194,7 @@ def test_a_folder_serves_the_exporters_choice_or_the_reference_copied_alone(
     variants_client: grpcclient.InferenceServerClient, faithful_export: Path
 ) -> None:
     spec = json.loads((faithful_export / "nsfw.json").read_text())
-    chosen = "nsfw_" + spec["variants"][spec["serve"]]["kind"].replace("-", "_")
+    chosen = variant_model_name(spec["variants"][spec["serve"]]["kind"])
     images = sample_images(seed=7)
 
     def scores(model: str) -> list[tuple[float, str]]:
