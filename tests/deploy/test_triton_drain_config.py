@@ -1,7 +1,7 @@
 """The container drains Triton on stop: the entrypoint runs tritonserver under the drain
 supervisor (embedded/drain.py, copied into the image), and compose waits long enough for it.
 The drain itself runs against real Tritons in tests/embedded/test_drain.py and
-tests/gateway/test_replicas.py."""
+tests/gateway/triton/test_replicas.py."""
 
 from __future__ import annotations
 

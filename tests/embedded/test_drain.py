@@ -1,6 +1,6 @@
 """The drain supervisor (embedded/drain.py) as a process: exit codes, a child that is not
 Triton, and the model-repository API it opens, which answers nobody but the supervisor.
-Draining a real Triton under load: tests/gateway/test_replicas.py."""
+Draining a real Triton under load: tests/gateway/triton/test_replicas.py."""
 
 from __future__ import annotations
 

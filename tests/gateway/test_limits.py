@@ -1,63 +1,134 @@
-"""The in-flight bound: with GATEWAY_MAX_IN_FLIGHT requests at work, the next one is refused at
-once with 429 and Retry-After, and a slot comes back however a request ended."""
+"""Limits from one source: the gateway reads the generation model's limits from Triton and
+validates with the tighter of its setting and the model's (README, "Limits and back-pressure")."""
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 from gateway import Settings
-from tests.gateway.faults import FaultServer, Respond
+from gateway.limits import GenerationLimits, LimitsSource
+from gateway.triton.contract import ModelLimits
+from tests.models.helpers import executions
 
-BODY = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 1, "upscale": False}
-
-
-def gauge(client: Any) -> float:
-    text = client.get("/metrics").get_data(as_text=True)
-    [line] = [ln for ln in text.splitlines() if ln.startswith("gateway_generate_in_flight ")]
-    return float(line.split()[1])
+BODY = {"prompt": "p", "width": 64, "height": 64, "upscale": False, "response_format": "b64_json",
+        "enable_nsfw_check": False}
 
 
-def test_the_request_past_the_bound_is_429_until_a_slot_frees(
-    make_app: Any, triton_settings: Settings, fault_server: FaultServer
+def steps_schema(document: dict[str, Any]) -> dict[str, Any]:
+    props = document["components"]["schemas"]["GenerateRequest"]["properties"]
+    return next(v for v in props["num_inference_steps"]["anyOf"] if v.get("type") == "integer")
+
+
+def test_a_larger_gateway_limit_gives_way_to_the_models(
+    make_app: Any, triton_settings: Settings, triton: Any
 ) -> None:
-    app = make_app(triton_settings.replace(max_in_flight=2, retry_after_s=3))
-    fault_server.set_script(Respond(200, delay_s=1.0))  # each upload takes 1 s (timeout: 2 s)
-    body = {**BODY, "s3_prefix": f"{fault_server.url}/b/1.png"}
+    import tritonclient.grpc as grpcclient
 
-    def post() -> int:
-        with app.test_client() as client:
-            return client.post("/generate", json=body).status_code
+    app = make_app(triton_settings.replace(max_steps=500, max_guidance_scale=100.0))
+    client = app.test_client()
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.json
+    limits = ready.json["limits"]
+    assert (limits["max_steps"], limits["max_guidance_scale"]) == (100, 30.0)  # the model's
+    assert "GATEWAY_MAX_STEPS is 500, the model's max_steps is 100" in limits["adopted"]
+    assert steps_schema(client.get("/openapi.json").json)["maximum"] == 100
 
-    with ThreadPoolExecutor(2) as pool:
-        busy = [pool.submit(post) for _ in range(2)]
-        deadline = time.monotonic() + 60
-        while len(fault_server.requests) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(fault_server.requests) == 2  # both are at work (uploading)
-
-        client = app.test_client()
-        started = time.monotonic()
-        refused = client.post("/generate", json=body)
-        assert time.monotonic() - started < 1.0  # refused at once, not queued
-        assert refused.status_code == 429
-        assert refused.json["error"]["code"] == "overloaded"
-        assert refused.headers["Retry-After"] == "3"
-        assert client.get("/healthz").status_code == 200  # probes are not bounded
-        assert gauge(client) == 2
-        assert [f.result() for f in busy] == [200, 200]
-
-    assert gauge(client) == 0
-    fault_server.set_script(200)
-    assert client.post("/generate", json=body).status_code == 200
-    assert len(fault_server.requests) == 3  # the refused request sent nothing
+    triton_client = grpcclient.InferenceServerClient(triton.grpc_url)
+    before = executions(triton_client, "diffusion")
+    refused = client.post("/generate", json={**BODY, "num_inference_steps": 150})
+    assert refused.status_code == 400
+    assert refused.json["error"]["field"] == "num_inference_steps"
+    assert "between 1 and 100" in refused.json["error"]["message"]  # not "the model refused"
+    refused = client.post("/generate", json={**BODY, "guidance_scale": 50})
+    assert refused.json["error"]["field"] == "guidance_scale"
+    assert executions(triton_client, "diffusion") == before  # nothing reached the model
 
 
-def test_a_request_that_fails_gives_its_slot_back(make_app: Any, base_settings: Settings) -> None:
-    # Triton is a dead port here: every request fails with 503, and must still release its slot.
-    client = make_app(base_settings.replace(max_in_flight=1)).test_client()
-    body = {**BODY, "response_format": "b64_json"}
-    assert [client.post("/generate", json=body).status_code for _ in range(3)] == [503] * 3
-    assert client.post("/generate", data=b"{", content_type="application/json").status_code == 400
-    assert gauge(client) == 0
+def test_a_stricter_gateway_limit_stays(make_app: Any, triton_settings: Settings) -> None:
+    client = make_app(triton_settings.replace(max_steps=20)).test_client()
+    assert client.get("/readyz").json["limits"]["max_steps"] == 20
+    assert client.get("/readyz").json["limits"]["adopted"] == []
+    response = client.post("/generate", json={**BODY, "num_inference_steps": 21})
+    assert response.status_code == 400 and "between 1 and 20" in response.json["error"]["message"]
+    assert steps_schema(client.get("/openapi.json").json)["maximum"] == 20
+
+
+def test_limits_no_request_could_pass_are_not_ready(
+    make_app: Any, triton_settings: Settings
+) -> None:
+    # The gateway's smallest size is larger than the largest the model takes (2048).
+    settings = triton_settings.replace(min_size=2056, max_size=4096, max_pixels=2056 * 2056)
+    response = make_app(settings).test_client().get("/readyz")
+    assert response.status_code == 503
+    assert any("smallest size allowed (2056) is above the largest (2048)" in p
+               for p in response.json["problems"])
+
+
+def test_the_model_limits_read_from_triton(triton_settings: Settings, make_app: Any) -> None:
+    services = make_app(triton_settings).extensions["gateway"]
+    assert services.triton.model_limits() == ModelLimits(64, 2048, 100, 30.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_limits_are_read_again_on_schedule_and_kept_while_triton_cannot_answer() -> None:
+    answers: list[ModelLimits | Exception] = [
+        ModelLimits(max_steps=50), RuntimeError("down"), ModelLimits(max_steps=40)
+    ]
+    reads: list[int] = []
+
+    def read() -> ModelLimits:
+        reads.append(1)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    clock = Clock()
+    source = LimitsSource(Settings(), read, refresh_s=30, retry_s=5, clock=clock)
+    assert source.current().max_steps == 50 and len(reads) == 1
+    clock.now = 29
+    assert source.current().max_steps == 50 and len(reads) == 1  # not due yet
+    clock.now = 30
+    assert source.current().max_steps == 50 and len(reads) == 2  # Triton down: the last ones
+    assert source.problem is not None and "down" in source.problem
+    clock.now = 34
+    assert source.current().max_steps == 50 and len(reads) == 2  # retried after retry_s
+    clock.now = 35
+    assert source.current().max_steps == 40 and source.problem is None
+
+
+def test_the_tighter_of_each_limit_with_a_note_naming_both_values() -> None:
+    own = GenerationLimits.from_settings(Settings(max_steps=500, min_size=64))
+    limits = own.within(ModelLimits(min_size=128, max_size=4096, max_steps=100))
+    assert (limits.min_size, limits.max_size, limits.max_steps) == (128, 2048, 100)
+    assert limits.adopted == (
+        "GATEWAY_MIN_SIZE is 64, the model's min_size is 128",
+        "GATEWAY_MAX_STEPS is 500, the model's max_steps is 100",
+    )
+    assert own.within(ModelLimits()) == own  # a model that declares nothing changes nothing
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        ({"max_steps": {"string_value": "40"}}, ModelLimits(max_steps=40)),
+        ({"max_guidance_scale": {"string_value": "12.5"}}, ModelLimits(max_guidance_scale=12.5)),
+        ({"model": {"string_value": "x"}}, ModelLimits()),
+    ],
+)
+def test_model_limits_from_a_config(parameters: dict[str, Any], expected: ModelLimits) -> None:
+    assert ModelLimits.from_config({"parameters": parameters}) == expected
+
+
+def test_a_model_limit_that_is_not_a_number_is_an_error() -> None:
+    with pytest.raises(ValueError, match="max_steps"):
+        ModelLimits.from_config({"parameters": {"max_steps": {"string_value": "many"}}})

@@ -1,7 +1,7 @@
 """Which replica takes a call, and which failures are retried on another, against real gRPC
 servers speaking Triton's protocol with scripted answers (Triton's own words, as measured with
 tritonserver 2.51): the failures a real Triton gives on demand only with a crash or a drain,
-which tests/gateway/test_replicas.py does against real Tritons."""
+which tests/gateway/triton/test_replicas.py does against real Tritons."""
 
 from __future__ import annotations
 
