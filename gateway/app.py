@@ -118,8 +118,7 @@ def _count_requests(app: Flask, metrics: Metrics) -> None:
     def _record(response: Response) -> Response:
         # The route pattern, never the raw path: unknown paths must not mint new series.
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.http_requests.labels(endpoint, request.method, str(response.status_code)).inc()
         started = g.get("gateway_started")
-        if started is not None:
-            metrics.http_latency.labels(endpoint).observe(time.perf_counter() - started)
+        seconds = None if started is None else time.perf_counter() - started
+        metrics.http_answered(endpoint, request.method, response.status_code, seconds)
         return response

@@ -30,11 +30,11 @@ def limit_in_flight(app: Flask, *, limit: int, retry_after_s: int, metrics: Metr
                 retry_after=retry_after_s,
             )
         g.gateway_slot = True
-        metrics.generate_in_flight.inc()
+        metrics.generate_started()
 
     @app.teardown_request
     def _release(_error: BaseException | None) -> None:
         # Runs however the request ended, so a slot is never lost.
         if g.pop("gateway_slot", False):
-            metrics.generate_in_flight.dec()
+            metrics.generate_ended()
             slots.release()

@@ -20,7 +20,7 @@ from gateway.imaging import EncodedImage, encode_jpeg
 from gateway.limits import GenerationLimits
 from gateway.logs import truncate
 from gateway.nvidia import deepfake
-from gateway.nvidia.deepfake import DeepfakeStatus, deepfake_unavailable
+from gateway.nvidia.deepfake import deepfake_unavailable
 from gateway.schema import described
 from gateway.services import Services
 from gateway.settings import Settings
@@ -29,6 +29,7 @@ from gateway.triton.contract import NsfwStatus
 from gateway.upload.egress import pin
 from gateway.upload.uploader import UploadResult
 from gateway.upload.urls import AllowedUrl, check_upload_url, rewrite_url
+from gateway.vocabulary import DeepfakeStatus
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +284,8 @@ def generate(services: Services, req: GenerateRequest) -> GenerateResult:
         metrics.nsfw_verdict("generate", flagged)
         # 3. Encode the JPEG and hash exactly those bytes.
         image = encode_jpeg(generated.image, settings.jpeg_quality)
-        metrics.stage_latency.labels("encode").observe(image.encode_seconds)
-        metrics.stage_latency.labels("hash").observe(image.hash_seconds)
+        metrics.stage_took("encode", image.encode_seconds)
+        metrics.stage_took("hash", image.hash_seconds)
         # 4. Check the same bytes for deepfakes while the upload runs.
         pending = (
             services.require_deepfake().start(image.data) if req.enable_deepfake_check else None

@@ -4,6 +4,11 @@ Labels hold only small fixed vocabularies (endpoint names, status codes, outcome
 URL, a signature, a prompt or a key, which would both leak secrets and explode cardinality.
 Each app owns a registry, so several apps (tests) can live in one process; under gunicorn with
 several workers the counters go through prometheus_client's multi-process files instead.
+
+Everything records through the typed methods below, never through a prometheus object. The
+clients (Triton, storage, the deepfake API) take a `Recorder`: the app gives them its `Metrics`,
+and one built without (a test, a tool) records into `NullMetrics`, which drops everything.
+The label words come from `gateway.vocabulary`, below this module and the clients alike.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Literal, Protocol, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,22 +31,30 @@ from prometheus_client import (
     multiprocess,
 )
 
-from gateway.nvidia.api import ApiOutcome
-from gateway.nvidia.assets import AssetResult
-from gateway.nvidia.deepfake import DeepfakeStatus
-from gateway.triton.client import FailoverReason, TritonOutcome
 from gateway.triton.contract import NsfwStatus
-from gateway.triton.replicas import ReplicaState
-from gateway.upload.uploader import UploadOutcome, UploadVerdict
+from gateway.vocabulary import (
+    ApiOutcome,
+    AssetResult,
+    DeepfakeStatus,
+    FailoverReason,
+    ReplicaState,
+    TritonOutcome,
+    UploadOutcome,
+    UploadVerdict,
+)
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 # Encoding and hashing take milliseconds; the request buckets would put them all in the first.
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, *_LATENCY_BUCKETS)
 _SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
+# The stages of /generate, the moderation signals waited for, and the endpoints that judge NSFW.
+Stage = Literal["triton", "encode", "hash", "upload", "total"]
+Signal = Literal["deepfake", "nsfw"]
+NsfwEndpoint = Literal["generate", "moderate"]
+
 # The fixed vocabularies, created at zero so that the first failure after a restart is a visible
 # increase (Prometheus cannot see the step to a series' first value) and ratios exist at once.
-# Each comes from the enum beside the code that produces it.
 UPLOAD_OUTCOMES = tuple(outcome.value for outcome in UploadOutcome)
 UPLOAD_RESULTS = (
     (UploadVerdict.SUCCESS.value, "2xx"),
@@ -52,7 +67,7 @@ UPLOAD_RESULTS = (
 )
 NSFW_DISABLED = "disabled"  # the check was not asked for
 NSFW_OUTCOMES = (*(status.value for status in NsfwStatus), NSFW_DISABLED)
-NSFW_ENDPOINTS = ("generate", "moderate")
+NSFW_ENDPOINTS: tuple[NsfwEndpoint, ...] = get_args(NsfwEndpoint)
 # Triton addresses a process labels its per-address series with; later ones share `other`.
 # Addresses are few (the replicas of one service), and a single-process gateway drops the series
 # of an address that left the name, but pods get new addresses at every rollout and the
@@ -66,7 +81,71 @@ def _words(values: Iterable[str]) -> str:
     return ", ".join(value.value if isinstance(value, enum.Enum) else value for value in values)
 
 
+class Recorder(Protocol):
+    """What the clients record: `Metrics` counts it, `NullMetrics` drops it."""
+
+    def triton_called(self, model: str, outcome: TritonOutcome) -> None: ...
+
+    def triton_address_called(self, address: str, outcome: TritonOutcome) -> None: ...
+
+    def triton_retried(self, reason: FailoverReason) -> None: ...
+
+    def triton_addresses_found(self, states: Iterable[ReplicaState]) -> None: ...
+
+    def forget_triton_address(self, address: str) -> None: ...
+
+    def upload_attempted(self, outcome: UploadOutcome, *, retry: bool) -> None: ...
+
+    def upload_finished(self, verdict: UploadVerdict, status_class: str) -> None: ...
+
+    def deepfake_checked(self, status: DeepfakeStatus, seconds: float) -> None: ...
+
+    def deepfake_api_called(self, outcome: ApiOutcome) -> None: ...
+
+    def deepfake_asset_sent(self, result: AssetResult) -> None: ...
+
+
+class NullMetrics:
+    """A `Recorder` that records nothing: the clients' default."""
+
+    def triton_called(self, model: str, outcome: TritonOutcome) -> None:
+        pass
+
+    def triton_address_called(self, address: str, outcome: TritonOutcome) -> None:
+        pass
+
+    def triton_retried(self, reason: FailoverReason) -> None:
+        pass
+
+    def triton_addresses_found(self, states: Iterable[ReplicaState]) -> None:
+        pass
+
+    def forget_triton_address(self, address: str) -> None:
+        pass
+
+    def upload_attempted(self, outcome: UploadOutcome, *, retry: bool) -> None:
+        pass
+
+    def upload_finished(self, verdict: UploadVerdict, status_class: str) -> None:
+        pass
+
+    def deepfake_checked(self, status: DeepfakeStatus, seconds: float) -> None:
+        pass
+
+    def deepfake_api_called(self, outcome: ApiOutcome) -> None:
+        pass
+
+    def deepfake_asset_sent(self, result: AssetResult) -> None:
+        pass
+
+
+NULL_METRICS: Recorder = NullMetrics()
+
+
 class Metrics:
+    """The app's metrics: a `Recorder` for the clients, and what the app and the use cases
+    record themselves."""
+
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
@@ -74,20 +153,20 @@ class Metrics:
         self._multiprocess_dir = multiprocess_dir
         self._addresses: set[str] = set()
         self._addresses_lock = threading.Lock()
-        self.http_requests = Counter(
+        self._http_requests = Counter(
             "gateway_http_requests",
             "HTTP requests answered, by endpoint and status code.",
             ["endpoint", "method", "status"],
             registry=self.registry,
         )
-        self.http_latency = Histogram(
+        self._http_latency = Histogram(
             "gateway_http_request_duration_seconds",
             "Time to answer an HTTP request, by endpoint.",
             ["endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.stage_latency = Histogram(
+        self._stage_latency = Histogram(
             "gateway_generate_stage_duration_seconds",
             "Time spent in each stage of /generate (triton, encode, hash, upload) and in all of "
             "it after validation (total).",
@@ -95,13 +174,13 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=self.registry,
         )
-        self.triton_requests = Counter(
+        self._triton_requests = Counter(
             "gateway_triton_requests",
             f"Triton inference calls, by model and outcome ({_words(TritonOutcome)}).",
             ["model", "outcome"],
             registry=self.registry,
         )
-        self.triton_addresses = Gauge(
+        self._triton_addresses = Gauge(
             "gateway_triton_addresses",
             f"Triton addresses GATEWAY_TRITON_URL resolves to now, by state ({_words(ReplicaState)}"
             "); only ready ones take calls.",
@@ -110,7 +189,7 @@ class Metrics:
             # Every worker resolves the same name: the largest count of the live workers.
             multiprocess_mode="livemax",
         )
-        self.triton_address_calls = Counter(
+        self._triton_address_calls = Counter(
             "gateway_triton_address_calls",
             f"Triton calls by the address that took them and outcome ({_words(TritonOutcome)}"
             f"); a retry is a second call. At most {MAX_TRITON_ADDRESSES} addresses per process, "
@@ -118,78 +197,78 @@ class Metrics:
             ["address", "outcome"],
             registry=self.registry,
         )
-        self.triton_retries = Counter(
+        self._triton_retries = Counter(
             "gateway_triton_retries",
             f"Triton calls retried on another replica, by why ({_words(FailoverReason)}).",
             ["reason"],
             registry=self.registry,
         )
-        self.upload_attempts = Counter(
+        self._upload_attempts = Counter(
             "gateway_upload_attempts",
             f"PUT attempts to storage, by outcome ({_words(UPLOAD_OUTCOMES)}).",
             ["outcome"],
             registry=self.registry,
         )
-        self.upload_retries = Counter(
+        self._upload_retries = Counter(
             "gateway_upload_retries",
             "PUT attempts that were retries of a failed attempt.",
             registry=self.registry,
         )
-        self.uploads = Counter(
+        self._uploads = Counter(
             "gateway_uploads",
             f"Uploads after all retries, by result ({_words(UploadVerdict)}) and the class of "
             "storage's last status (2xx..5xx, none): the upload failure rate.",
             ["result", "status_class"],
             registry=self.registry,
         )
-        self.nsfw_checks = Counter(
+        self._nsfw_checks = Counter(
             "gateway_nsfw_checks",
             f"NSFW checks, by status ({_words(NSFW_OUTCOMES)}); every status but ok and "
             f"{NSFW_DISABLED} reports score 1.0.",
             ["status"],
             registry=self.registry,
         )
-        self.nsfw_score = Histogram(
+        self._nsfw_score = Histogram(
             "gateway_nsfw_score",
             "NSFW scores the classifier gave (status ok; the fail-safe 1.0 is not observed).",
             buckets=_SCORE_BUCKETS,
             registry=self.registry,
         )
-        self.nsfw_flagged = Counter(
+        self._nsfw_flagged = Counter(
             "gateway_nsfw_flagged",
             "Images whose `nsfw` verdict was true, by endpoint (generate, moderate): a score at or "
             "above GATEWAY_NSFW_THRESHOLD, or the fail-safe.",
             ["endpoint"],
             registry=self.registry,
         )
-        self.generate_in_flight = Gauge(
+        self._generate_in_flight = Gauge(
             "gateway_generate_in_flight",
             "/generate requests this process is working on (bounded by GATEWAY_MAX_IN_FLIGHT).",
             registry=self.registry,
             # Summed over the live workers; a dead worker's file no longer counts.
             multiprocess_mode="livesum",
         )
-        self.deepfake_checks = Counter(
+        self._deepfake_checks = Counter(
             "gateway_deepfake_checks",
             f"Deepfake checks, by status ({_words(DeepfakeStatus)}); every status but ok and "
             "no_face reports score 1.0.",
             ["status"],
             registry=self.registry,
         )
-        self.deepfake_attempts = Counter(
+        self._deepfake_attempts = Counter(
             "gateway_deepfake_api_attempts",
             f"Calls to the deepfake API, by outcome ({_words(ApiOutcome)}).",
             ["outcome"],
             registry=self.registry,
         )
-        self.deepfake_assets = Counter(
+        self._deepfake_assets = Counter(
             "gateway_deepfake_assets",
             "Images sent to the deepfake API through NVCF's asset upload (over the inline limit), "
             f"by result ({_words(AssetResult)}).",
             ["result"],
             registry=self.registry,
         )
-        self.moderation_latency = Histogram(
+        self._moderation_latency = Histogram(
             "gateway_moderation_duration_seconds",
             "Time the gateway waited for each moderation signal (deepfake: /generate and "
             "/moderate; nsfw: /moderate, where the classifier runs alone).",
@@ -198,25 +277,92 @@ class Metrics:
             registry=self.registry,
         )
         for outcome in UPLOAD_OUTCOMES:
-            self.upload_attempts.labels(outcome)
+            self._upload_attempts.labels(outcome)
         for result, status_class in UPLOAD_RESULTS:
-            self.uploads.labels(result, status_class)
+            self._uploads.labels(result, status_class)
         for status in NSFW_OUTCOMES:
-            self.nsfw_checks.labels(status)
+            self._nsfw_checks.labels(status)
         for endpoint in NSFW_ENDPOINTS:
-            self.nsfw_flagged.labels(endpoint)
+            self._nsfw_flagged.labels(endpoint)
         for state in ReplicaState:
-            self.triton_addresses.labels(state.value)
+            self._triton_addresses.labels(state.value)
         for reason in FailoverReason:
-            self.triton_retries.labels(reason.value)
+            self._triton_retries.labels(reason.value)
 
-    def triton_address_call(self, address: str, outcome: str) -> None:
+    # -- the app and the use cases ---------------------------------------------------------
+
+    def http_answered(self, endpoint: str, method: str, status: int, seconds: float | None) -> None:
+        """One HTTP answer; `endpoint` is the route pattern (never the raw path) and `seconds`
+        None when the request never reached the app's timer."""
+        self._http_requests.labels(endpoint, method, str(status)).inc()
+        if seconds is not None:
+            self._http_latency.labels(endpoint).observe(seconds)
+
+    def generate_started(self) -> None:
+        """A /generate request took an in-flight slot (gateway_generate_in_flight)."""
+        self._generate_in_flight.inc()
+
+    def generate_ended(self) -> None:
+        self._generate_in_flight.dec()
+
+    @contextmanager
+    def stage(self, name: Stage) -> Iterator[None]:
+        """Time a stage of /generate (gateway_generate_stage_duration_seconds)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_took(name, time.perf_counter() - started)
+
+    def stage_took(self, name: Stage, seconds: float) -> None:
+        """A stage of /generate timed elsewhere (encoding and hashing time themselves)."""
+        self._stage_latency.labels(name).observe(seconds)
+
+    def nsfw_checked(self, status: NsfwStatus | str | None, score: float | None) -> None:
+        """One NSFW outcome; `status` None means the check was not asked for, and a word the
+        model should not have said counts as an error."""
+        if status is None:
+            self._nsfw_checks.labels(NSFW_DISABLED).inc()
+            return
+        try:
+            known = NsfwStatus(status)
+        except ValueError:
+            known = NsfwStatus.ERROR
+        self._nsfw_checks.labels(known.value).inc()
+        if known is NsfwStatus.OK and score is not None:
+            self._nsfw_score.observe(score)
+
+    def nsfw_verdict(self, endpoint: NsfwEndpoint, flagged: bool | None) -> None:
+        """Count an image flagged by the `nsfw` verdict (None: the check did not run)."""
+        if flagged:
+            self._nsfw_flagged.labels(endpoint).inc()
+
+    def moderation_waited(self, signal: Signal, seconds: float) -> None:
+        """How long a moderation signal kept the request (gateway_moderation_duration_seconds)."""
+        self._moderation_latency.labels(signal).observe(seconds)
+
+    # -- the clients (Recorder) ------------------------------------------------------------
+
+    def triton_called(self, model: str, outcome: TritonOutcome) -> None:
+        """One inference call of the gateway, retries included (gateway_triton_requests)."""
+        self._triton_requests.labels(model, outcome.value).inc()
+
+    def triton_address_called(self, address: str, outcome: TritonOutcome) -> None:
         """One call to one Triton address (gateway_triton_address_calls_total)."""
         with self._addresses_lock:
             if address not in self._addresses and len(self._addresses) < MAX_TRITON_ADDRESSES:
                 self._addresses.add(address)
             label = address if address in self._addresses else OTHER_ADDRESS
-        self.triton_address_calls.labels(label, outcome).inc()
+        self._triton_address_calls.labels(label, outcome.value).inc()
+
+    def triton_retried(self, reason: FailoverReason) -> None:
+        self._triton_retries.labels(reason.value).inc()
+
+    def triton_addresses_found(self, states: Iterable[ReplicaState]) -> None:
+        """The states of every address the Triton target resolves to now."""
+        counts = Tally(states)
+        for state in ReplicaState:
+            self._triton_addresses.labels(state.value).set(counts[state])
 
     def forget_triton_address(self, address: str) -> None:
         """An address left the name: drop its series and free its place under the cap. Not in
@@ -228,35 +374,30 @@ class Metrics:
                 return
             self._addresses.discard(address)
             for outcome in TritonOutcome:
-                self.triton_address_calls.remove(address, outcome.value)  # absent: a no-op
+                self._triton_address_calls.remove(address, outcome.value)  # absent: a no-op
 
-    def nsfw_checked(self, status: NsfwStatus | str | None, score: float | None) -> None:
-        """One NSFW outcome; `status` None means the check was not asked for, and a word the
-        model should not have said counts as an error."""
-        if status is None:
-            self.nsfw_checks.labels(NSFW_DISABLED).inc()
-            return
-        try:
-            known = NsfwStatus(status)
-        except ValueError:
-            known = NsfwStatus.ERROR
-        self.nsfw_checks.labels(known.value).inc()
-        if known is NsfwStatus.OK and score is not None:
-            self.nsfw_score.observe(score)
+    def upload_attempted(self, outcome: UploadOutcome, *, retry: bool) -> None:
+        """One PUT attempt; `retry` when an earlier attempt of the same upload failed."""
+        self._upload_attempts.labels(outcome.value).inc()
+        if retry:
+            self._upload_retries.inc()
 
-    def nsfw_verdict(self, endpoint: str, flagged: bool | None) -> None:
-        """Count an image flagged by the `nsfw` verdict (None: the check did not run)."""
-        if flagged:
-            self.nsfw_flagged.labels(endpoint).inc()
+    def upload_finished(self, verdict: UploadVerdict, status_class: str) -> None:
+        """An upload after all its attempts; `status_class` is 2xx..5xx or none."""
+        self._uploads.labels(verdict.value, status_class).inc()
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time a stage of /generate (gateway_generate_stage_duration_seconds)."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_latency.labels(name).observe(time.perf_counter() - started)
+    def deepfake_checked(self, status: DeepfakeStatus, seconds: float) -> None:
+        """A deepfake check the request waited `seconds` for."""
+        self._deepfake_checks.labels(status.value).inc()
+        self.moderation_waited("deepfake", seconds)
+
+    def deepfake_api_called(self, outcome: ApiOutcome) -> None:
+        self._deepfake_attempts.labels(outcome.value).inc()
+
+    def deepfake_asset_sent(self, result: AssetResult) -> None:
+        self._deepfake_assets.labels(result.value).inc()
+
+    # -- the scrape ------------------------------------------------------------------------
 
     def render(self) -> bytes:
         if self._multiprocess_dir:

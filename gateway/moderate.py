@@ -24,11 +24,12 @@ from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.fields import FieldSpec, check_fields, parse_body
 from gateway.imaging import DecodedImage, ImageRejected, decode_image, encode_jpeg
 from gateway.nvidia import deepfake
-from gateway.nvidia.deepfake import DeepfakeStatus, deepfake_unavailable
+from gateway.nvidia.deepfake import deepfake_unavailable
 from gateway.schema import described
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.triton.contract import NsfwStatus
+from gateway.vocabulary import DeepfakeStatus
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def moderate(services: Services, req: ModerateRequest) -> ModerateResult:
     # 2. The NSFW classifier alone, with the same fail-safe as inside the ensemble.
     started = time.perf_counter()
     nsfw = services.triton.classify(req.image.pixels, settings.triton_deadline_s)
-    metrics.moderation_latency.labels("nsfw").observe(time.perf_counter() - started)
+    metrics.moderation_waited("nsfw", time.perf_counter() - started)
     metrics.nsfw_checked(nsfw.status, None)
     flagged = nsfw.flagged(settings.nsfw_threshold)
     metrics.nsfw_verdict("moderate", flagged)

@@ -7,7 +7,6 @@ The key goes in the Authorization header only: never in a log line, metric or me
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import urllib3
 
 from gateway.retry import RetryPolicy
+from gateway.vocabulary import ApiOutcome
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +29,6 @@ INLINE_LIMIT_CHARS = 180_000
 INLINE_MAX_BYTES = (INLINE_LIMIT_CHARS - 1) // 4 * 3
 # The answers are a few hundred bytes (return_image false, asset records); a flood is not one.
 MAX_RESPONSE_BYTES = 1 << 20
-
-
-class ApiOutcome(str, enum.Enum):
-    """How one call ended (the label of gateway_deepfake_api_attempts_total)."""
-
-    OK = "ok"
-    HTTP_429 = "http_429"
-    HTTP_5XX = "http_5xx"
-    HTTP_4XX = "http_4xx"
-    REDIRECT = "redirect"
-    PENDING = "pending"  # NVCF's 202: still running, poll later (not followed up)
-    TIMEOUT = "timeout"
-    CONNECTION_ERROR = "connection_error"
-    BAD_RESPONSE = "bad_response"  # an answer outside the documented shape
 
 
 @dataclass(frozen=True)

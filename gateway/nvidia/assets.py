@@ -19,7 +19,6 @@ its query string never logged.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import re
@@ -29,11 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError
-from gateway.nvidia.api import ApiOutcome, NvidiaApi
+from gateway.nvidia.api import NvidiaApi
 from gateway.retry import RetryPolicy
 from gateway.upload.egress import PinnedUrl, Resolve, pin, system_resolve
-from gateway.upload.uploader import Uploader, UploadOutcome
+from gateway.upload.uploader import Uploader
 from gateway.upload.urls import AllowedUrl, parse_upload_url
+from gateway.vocabulary import ApiOutcome, AssetResult, UploadOutcome
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,6 @@ DESCRIPTION = "imagegen deepfake check"
 # NVCF's asset ids are UUIDs; anything else must not reach a header or a data URL.
 _ASSET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}")
 _DELETE_TIMEOUT_S = 5.0
-
-
-class AssetResult(str, enum.Enum):
-    """How an asset upload ended (the label of gateway_deepfake_assets_total)."""
-
-    OK = "ok"
-    CREATE_FAILED = "create_failed"  # NVIDIA refused or failed to create the asset
-    UPLOAD_FAILED = "upload_failed"  # the presigned URL refused or failed the bytes
-    TIMEOUT = "timeout"  # the budget ran out on the way
 
 
 @dataclass(frozen=True)

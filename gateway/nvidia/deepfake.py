@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import enum
 import json
 import logging
 import math
@@ -29,35 +28,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import urllib3
 
 from gateway.errors import InvalidRequest
-from gateway.nvidia.api import INLINE_MAX_BYTES, ApiOutcome, NvidiaApi, Reply
-from gateway.nvidia.assets import AssetFailed, AssetResult, NvcfAssets
+from gateway.metrics import NULL_METRICS, Recorder
+from gateway.nvidia.api import INLINE_MAX_BYTES, NvidiaApi, Reply
+from gateway.nvidia.assets import AssetFailed, NvcfAssets
 from gateway.retry import RetryPolicy
 from gateway.settings import PREFIX
 from gateway.upload.egress import Resolve, system_resolve
-
-if TYPE_CHECKING:  # metrics imports this module for its label words
-    from gateway.metrics import Metrics
+from gateway.vocabulary import ApiOutcome, AssetResult, DeepfakeStatus
 
 log = logging.getLogger(__name__)
 
 # Within the default 10 s budget: 4 attempts, the last starting 3.5 s after the first.
 DEFAULT_POLICY = RetryPolicy(backoff=(0.5, 1.0, 2.0))
-
-
-class DeepfakeStatus(str, enum.Enum):
-    """The check's outcome (`deepfake_status`); every one but OK and NO_FACE scores 1.0."""
-
-    OK = "ok"
-    NO_FACE = "no_face"
-    CONTENT_FILTERED = "content_filtered"  # the API declined to judge the image
-    TOO_LARGE = "too_large"  # not sent
-    TIMEOUT = "timeout"  # the budget ran out
-    ERROR = "error"
 
 
 # How the two response fields are documented, on /generate and /moderate alike.
@@ -99,7 +86,7 @@ class PendingCheck:
         future: Future[DeepfakeResult],
         started: float,
         deadline: float,
-        metrics: Metrics | None,
+        metrics: Recorder,
     ) -> None:
         self._future = future
         self._started = started
@@ -113,11 +100,7 @@ class PendingCheck:
             # The worker stops on the same deadline; the client is not kept waiting for it.
             self._future.cancel()
             result = DeepfakeResult.failed(DeepfakeStatus.TIMEOUT)
-        if self._metrics:
-            self._metrics.deepfake_checks.labels(result.status.value).inc()
-            self._metrics.moderation_latency.labels("deepfake").observe(
-                time.monotonic() - self._started
-            )
+        self._metrics.deepfake_checked(result.status, time.monotonic() - self._started)
         return result
 
 
@@ -132,7 +115,7 @@ class DeepfakeClient:
         http: urllib3.PoolManager,
         executor: Executor,
         policy: RetryPolicy = DEFAULT_POLICY,
-        metrics: Metrics | None = None,
+        metrics: Recorder = NULL_METRICS,
         sleep: Callable[[float], None] = time.sleep,
         assets_url: str | None = None,
         inline_max_bytes: int = INLINE_MAX_BYTES,
@@ -235,8 +218,7 @@ class DeepfakeClient:
         outcome = reply.outcome
         if outcome is ApiOutcome.OK and (reply.status != 200 or _interpret(reply.body) is None):
             outcome = ApiOutcome.BAD_RESPONSE  # a 2xx, but not an answer (not retried)
-        if self.metrics:
-            self.metrics.deepfake_attempts.labels(outcome.value).inc()
+        self.metrics.deepfake_api_called(outcome)
         if outcome is not ApiOutcome.OK:
             log.warning(
                 "deepfake API attempt %d: %s%s",
@@ -246,8 +228,7 @@ class DeepfakeClient:
             )
 
     def _count_asset(self, result: AssetResult) -> None:
-        if self.metrics:
-            self.metrics.deepfake_assets.labels(result.value).inc()
+        self.metrics.deepfake_asset_sent(result)
 
 
 def _interpret(raw: bytes) -> DeepfakeResult | None:

@@ -22,13 +22,12 @@ its Retry-After go back), and a deadline (no time left).
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -45,12 +44,11 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.metrics import NULL_METRICS, Recorder
 from gateway.triton import contract
 from gateway.triton.replicas import NoReplica, Replica, ReplicaSet
 from gateway.triton.target import parse_target
-
-if TYPE_CHECKING:  # metrics imports this module for its label words
-    from gateway.metrics import Metrics
+from gateway.vocabulary import FailoverReason, TritonOutcome
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +65,6 @@ _CHANNEL_ARGS = [
 # A retry needs at least this much of the deadline left: less cannot make an image, and the
 # honest answer is then the 503 of the failure rather than a 504 after a doomed try.
 _MIN_RETRY_S = 1.0
-
-
-class TritonOutcome(str, enum.Enum):
-    """How one Triton call ended (the label of gateway_triton_requests_total)."""
-
-    OK = "ok"
-    UNAVAILABLE = "unavailable"
-    OVERLOADED = "overloaded"  # the queue is full: Triton does not count it as a failure
-    QUEUE_TIMEOUT = "queue_timeout"
-    DEADLINE = "deadline"
-    INVALID = "invalid"
-    ERROR = "error"
-
-
-class FailoverReason(str, enum.Enum):
-    """Why a call was retried on another replica (the label of gateway_triton_retries_total)."""
-
-    UNREACHABLE = "unreachable"  # connect failed, refused, reset, or the replica went away
-    STOPPING = "stopping"  # the replica is draining or shutting down; it did no work
 
 
 def failover_reason(exc: InferenceServerException) -> FailoverReason | None:
@@ -170,7 +149,7 @@ class TritonGateway:
         probe_timeout_s: float,
         retry_after_s: int,
         http: urllib3.PoolManager,
-        metrics: Metrics | None = None,
+        metrics: Recorder = NULL_METRICS,
         classifier_model: str = "nsfw",
         queue_timeout_s: float | None = None,
         refresh_s: float = 5.0,
@@ -301,12 +280,12 @@ class TritonGateway:
             finally:
                 self.replicas.release(replica)
             if failure is None:
-                self._count_address(replica, TritonOutcome.OK)
-                self._count(model, TritonOutcome.OK)
+                self.metrics.triton_address_called(replica.address, TritonOutcome.OK)
+                self.metrics.triton_called(model, TritonOutcome.OK)
                 return result
             elapsed = time.monotonic() - started
             error = self._map_error(failure, model, elapsed, deadline_s)
-            self._count_address(replica, _outcome(error))
+            self.metrics.triton_address_called(replica.address, _outcome(error))
             reason = failover_reason(failure)
             if reason is not None:
                 self.replicas.not_serving(replica)
@@ -314,13 +293,12 @@ class TritonGateway:
             if reason is not None and not retried and deadline_s - elapsed >= _MIN_RETRY_S:
                 other = self._other_replica(replica)
             if other is None:
-                self._count(model, _outcome(error))
+                self.metrics.triton_called(model, _outcome(error))
                 raise error from None
             log.warning(
                 "retrying %s on %s: %s was %s", model, other.address, replica.address, reason.value
             )
-            if self.metrics:
-                self.metrics.triton_retries.labels(reason.value).inc()
+            self.metrics.triton_retried(reason)
             replica, retried = other, True
 
     def _acquire(self, model: str | None = None) -> Replica:
@@ -328,7 +306,7 @@ class TritonGateway:
             return self.replicas.acquire()
         except NoReplica as exc:
             if model is not None:
-                self._count(model, TritonOutcome.UNAVAILABLE)
+                self.metrics.triton_called(model, TritonOutcome.UNAVAILABLE)
             raise Unavailable(
                 f"the inference server is unavailable ({exc}); retry later",
                 retry_after=self.retry_after_s,
@@ -339,14 +317,6 @@ class TritonGateway:
             return self.replicas.acquire(exclude=[failed], ready_only=True)
         except NoReplica:
             return None
-
-    def _count_address(self, replica: Replica, outcome: TritonOutcome) -> None:
-        if self.metrics:
-            self.metrics.triton_address_call(replica.address, outcome.value)
-
-    def _count(self, model: str, outcome: TritonOutcome) -> None:
-        if self.metrics:
-            self.metrics.triton_requests.labels(model, outcome.value).inc()
 
     def _map_error(
         self, exc: InferenceServerException, model: str, elapsed: float, deadline_s: float

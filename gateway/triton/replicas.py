@@ -23,34 +23,25 @@ setting for a client concern and still would not say which replica a call went t
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from gateway.metrics import NULL_METRICS, Recorder
 from gateway.triton.target import Endpoint, ResolutionError, Target
-
-if TYPE_CHECKING:
-    from gateway.metrics import Metrics
+from gateway.vocabulary import ReplicaState
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _MIN_REFRESH_GAP_S = 1.0
-
-
-class ReplicaState(str, enum.Enum):
-    """What this gateway knows of a replica (the label of gateway_triton_addresses)."""
-
-    READY = "ready"  # Triton said it is ready at the last probe
-    NOT_READY = "not_ready"  # not ready, unreachable, refused a call, or not asked yet
 
 
 class Replica:
@@ -91,7 +82,7 @@ class ReplicaSet:
         refresh_s: float,
         probe_timeout_s: float,
         channel_args: Sequence[tuple[str, Any]],
-        metrics: Metrics | None = None,
+        metrics: Recorder = NULL_METRICS,
     ) -> None:
         self.target = target
         self.refresh_s = refresh_s
@@ -206,8 +197,7 @@ class ReplicaSet:
     def _close(self, replicas: list[Replica]) -> None:
         for replica in replicas:
             replica.client.close()
-            if self.metrics is not None:
-                self.metrics.forget_triton_address(replica.address)
+            self.metrics.forget_triton_address(replica.address)
 
     def _probe_ready(self, replica: Replica) -> None:
         try:
@@ -224,12 +214,7 @@ class ReplicaSet:
             log.info("Triton replica %s is %s", replica.address, "ready" if ready else "not ready")
 
     def _report(self) -> None:
-        if self.metrics is None:
-            return
-        replicas = self._current()
-        for state in ReplicaState:
-            count = sum(1 for r in replicas if r.state is state)
-            self.metrics.triton_addresses.labels(state.value).set(count)
+        self.metrics.triton_addresses_found(r.state for r in self._current())
 
     # -- selection -------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ are never followed (the allowlist vetted this host, not the one a 3xx names).
 
 from __future__ import annotations
 
-import enum
 import http.client
 import logging
 import re
@@ -17,16 +16,14 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
+from gateway.metrics import NULL_METRICS, Recorder
 from gateway.retry import RetryPolicy
 from gateway.upload.egress import PinnedUrl
-
-if TYPE_CHECKING:  # metrics imports this module for its label words
-    from gateway.metrics import Metrics
+from gateway.vocabulary import UploadOutcome, UploadVerdict
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +31,6 @@ _USER_AGENT = "imagegen-gateway/0.1"
 _MD5_ETAG = re.compile(r'(?:W/)?"?([0-9a-fA-F]{32})"?')
 _S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 _MAX_ERROR_BODY = 4096
-
-
-class UploadOutcome(str, enum.Enum):
-    """How one PUT attempt ended (the label of gateway_upload_attempts_total)."""
-
-    OK = "ok"
-    HTTP_5XX = "http_5xx"
-    HTTP_429 = "http_429"
-    HTTP_4XX = "http_4xx"
-    REDIRECT = "redirect"
-    TIMEOUT = "timeout"
-    CONNECTION_ERROR = "connection_error"
-    TLS_ERROR = "tls_error"
-    ETAG_MISMATCH = "etag_mismatch"  # a 2xx whose ETag is an MD5, but not the bytes' MD5
-
-
-class UploadVerdict(str, enum.Enum):
-    """An upload after all its attempts (the `result` label of gateway_uploads_total)."""
-
-    SUCCESS = "success"
-    FAILURE = "failure"
 
 
 @dataclass(frozen=True)
@@ -118,7 +94,7 @@ class Uploader:
         timeout_s: float,
         headers: Sequence[tuple[str, str]] = (),
         ssl_context: ssl.SSLContext | None = None,
-        metrics: Metrics | None = None,
+        metrics: Recorder = NULL_METRICS,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.policy = policy
@@ -140,10 +116,7 @@ class Uploader:
         def attempt() -> Attempt:
             result = self._attempt(target, body, md5_hex, len(attempts) + 1)
             attempts.append(result)
-            if self.metrics:
-                self.metrics.upload_attempts.labels(result.outcome.value).inc()
-                if result.number > 1:
-                    self.metrics.upload_retries.inc()
+            self.metrics.upload_attempted(result.outcome, retry=result.number > 1)
             if not result.ok:
                 # Host and path only: the query string carries the signature.
                 log.warning(
@@ -160,8 +133,7 @@ class Uploader:
 
         self.policy.retrying(lambda attempt: attempt.retryable, self._sleep, budget_s)(attempt)
         outcome = UploadResult(tuple(attempts))
-        if self.metrics:
-            self.metrics.uploads.labels(outcome.verdict.value, outcome.status_class).inc()
+        self.metrics.upload_finished(outcome.verdict, outcome.status_class)
         return outcome
 
     def _connection(self, target: PinnedUrl, address: str) -> HTTPConnection:

@@ -3,6 +3,7 @@ the totals under gunicorn with two workers (prometheus_client's multi-process mo
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -20,7 +21,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedded.process import free_port
 from gateway import Settings
-from gateway.metrics import NSFW_OUTCOMES, UPLOAD_OUTCOMES, UPLOAD_RESULTS, Metrics
+from gateway.metrics import (
+    NSFW_OUTCOMES,
+    UPLOAD_OUTCOMES,
+    UPLOAD_RESULTS,
+    Metrics,
+    NullMetrics,
+    Recorder,
+)
+from gateway.vocabulary import (
+    ApiOutcome,
+    AssetResult,
+    DeepfakeStatus,
+    FailoverReason,
+    ReplicaState,
+    TritonOutcome,
+    UploadOutcome,
+    UploadVerdict,
+)
 from tests.gateway.faults import HANG, FaultServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +82,43 @@ def test_nsfw_outcomes_and_only_real_scores_in_the_histogram() -> None:
     assert value(text, "gateway_nsfw_score_count") == 2
     assert value(text, "gateway_nsfw_score_bucket", le="0.05") == 1
     assert value(text, "gateway_nsfw_score_sum") == 1.0
+
+
+def test_metrics_and_the_null_recorder_offer_every_method_of_a_recorder() -> None:
+    """The clients call a `Recorder`: the app's Metrics and the default NullMetrics must both
+    take every call, with the same parameters."""
+    methods = [name for name in vars(Recorder) if not name.startswith("_")]
+    assert "upload_finished" in methods and "triton_called" in methods
+    for name in methods:
+        wanted = inspect.signature(getattr(Recorder, name))
+        assert inspect.signature(getattr(Metrics, name)) == wanted, name
+        assert inspect.signature(getattr(NullMetrics, name)) == wanted, name
+
+
+def test_the_clients_record_through_their_recorder() -> None:
+    metrics = Metrics()
+    metrics.upload_attempted(UploadOutcome.HTTP_5XX, retry=False)
+    metrics.upload_attempted(UploadOutcome.OK, retry=True)
+    metrics.upload_finished(UploadVerdict.SUCCESS, "2xx")
+    metrics.triton_called("txt2img", TritonOutcome.QUEUE_TIMEOUT)
+    metrics.triton_retried(FailoverReason.STOPPING)
+    metrics.triton_addresses_found([ReplicaState.READY, ReplicaState.NOT_READY, ReplicaState.READY])
+    metrics.deepfake_checked(DeepfakeStatus.NO_FACE, 0.3)
+    metrics.deepfake_api_called(ApiOutcome.HTTP_429)
+    metrics.deepfake_asset_sent(AssetResult.TIMEOUT)
+    text = metrics.render().decode()
+    assert value(text, "gateway_upload_attempts_total", outcome="http_5xx") == 1
+    assert value(text, "gateway_upload_attempts_total", outcome="ok") == 1
+    assert value(text, "gateway_upload_retries_total") == 1
+    assert value(text, "gateway_uploads_total", result="success", status_class="2xx") == 1
+    assert value(text, "gateway_triton_requests_total", model="txt2img", outcome="queue_timeout") == 1
+    assert value(text, "gateway_triton_retries_total", reason="stopping") == 1
+    assert value(text, "gateway_triton_addresses", state="ready") == 2
+    assert value(text, "gateway_triton_addresses", state="not_ready") == 1
+    assert value(text, "gateway_deepfake_checks_total", status="no_face") == 1
+    assert value(text, "gateway_moderation_duration_seconds_count", signal="deepfake") == 1
+    assert value(text, "gateway_deepfake_api_attempts_total", outcome="http_429") == 1
+    assert value(text, "gateway_deepfake_assets_total", result="timeout") == 1
 
 
 def test_stages_and_in_flight_of_one_generate(

@@ -16,7 +16,7 @@ import urllib3
 from PIL import Image
 from skimage import data as photos
 
-from gateway.metrics import Metrics
+from gateway.metrics import NULL_METRICS, Metrics, Recorder
 from gateway.nvidia.api import INLINE_MAX_BYTES
 from gateway.nvidia.assets import DESCRIPTION
 from gateway.nvidia.deepfake import DeepfakeClient, DeepfakeResult
@@ -63,7 +63,7 @@ MakeClient = Callable[..., DeepfakeClient]
 def make_client(nvcf: FakeNvcf) -> Iterator[MakeClient]:
     clients: list[DeepfakeClient] = []
 
-    def make(budget_s: float = 3.0, metrics: Metrics | None = None, **kwargs: Any) -> DeepfakeClient:
+    def make(budget_s: float = 3.0, metrics: Recorder = NULL_METRICS, **kwargs: Any) -> DeepfakeClient:
         client = DeepfakeClient(
             url=f"{nvcf.url}{API_PATH}",
             assets_url=f"{nvcf.url}{ASSETS_PATH}",

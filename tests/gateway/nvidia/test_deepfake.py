@@ -13,7 +13,7 @@ import pytest
 import urllib3
 
 from gateway.imaging import encode_jpeg
-from gateway.metrics import Metrics
+from gateway.metrics import NULL_METRICS, Metrics, Recorder
 from gateway.nvidia.deepfake import DEFAULT_POLICY, DeepfakeClient, DeepfakeResult
 from gateway.retry import RetryPolicy
 from tests.gateway.fake_nvidia import (
@@ -46,7 +46,7 @@ def make_client(nvidia_api: FaultServer) -> Iterator[MakeClient]:
         budget_s: float = 3.0,
         max_image_bytes: int = 1 << 20,
         policy: RetryPolicy = FAST,
-        metrics: Metrics | None = None,
+        metrics: Recorder = NULL_METRICS,
     ) -> DeepfakeClient:
         client = DeepfakeClient(
             url=url,

@@ -23,11 +23,12 @@ from tritonclient.utils import InferenceServerException
 from embedded.process import free_port
 from gateway import Settings
 from gateway.errors import GatewayError, InvalidRequest, Overloaded, Unavailable, UpstreamError
-from gateway.metrics import MAX_TRITON_ADDRESSES, OTHER_ADDRESS, Metrics
+from gateway.metrics import MAX_TRITON_ADDRESSES, NULL_METRICS, OTHER_ADDRESS, Metrics, Recorder
 from gateway.triton import TritonGateway
-from gateway.triton.client import FailoverReason, failover_reason
+from gateway.triton.client import failover_reason
 from gateway.triton.replicas import NoReplica, ReplicaSet
 from gateway.triton.target import parse_target
+from gateway.vocabulary import FailoverReason, TritonOutcome
 from tests.dnsserver import LoopbackDns
 from tests.load.run import wait_until
 
@@ -126,7 +127,7 @@ def replicas() -> Iterator[Replicas]:
     group.stop()
 
 
-def gateway_for(replicas: Replicas, metrics: Metrics | None = None, **kwargs: Any) -> TritonGateway:
+def gateway_for(replicas: Replicas, metrics: Recorder = NULL_METRICS, **kwargs: Any) -> TritonGateway:
     return TritonGateway(
         "ipv4:" + ",".join(replicas.address(h) for h in replicas.scripts),
         f"http://127.0.0.1:{free_port()}/metrics",
@@ -268,7 +269,7 @@ def test_the_set_follows_the_name_and_a_removed_replica_finishes_its_calls(repli
 def test_per_address_series_stay_bounded() -> None:
     metrics = Metrics()
     for i in range(MAX_TRITON_ADDRESSES + 5):
-        metrics.triton_address_call(f"10.0.0.{i}:8001", "ok")
+        metrics.triton_address_called(f"10.0.0.{i}:8001", TritonOutcome.OK)
     text = metrics.render().decode()
     addresses = {s.labels["address"] for f in text_string_to_metric_families(text) for s in f.samples
                  if s.name == "gateway_triton_address_calls_total"}
@@ -276,7 +277,7 @@ def test_per_address_series_stay_bounded() -> None:
     assert counter(metrics, "gateway_triton_address_calls_total", address=OTHER_ADDRESS) == 5
     # An address that left the name frees its place (single-process mode).
     metrics.forget_triton_address("10.0.0.0:8001")
-    metrics.triton_address_call("10.9.9.9:8001", "ok")
+    metrics.triton_address_called("10.9.9.9:8001", TritonOutcome.OK)
     assert counter(metrics, "gateway_triton_address_calls_total", address="10.9.9.9:8001") == 1
     assert counter(metrics, "gateway_triton_address_calls_total", address="10.0.0.0:8001") == 0
 
