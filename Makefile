@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install models tools test triton serve demo bench lint clean
+.PHONY: install models tools test triton serve demo bench lint docs clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ bench: models
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The documentation site (docs/, mkdocs.yml) on http://127.0.0.1:8010, rebuilt on every save.
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
 
 clean:
 	rm -rf .run models model_repository/nsfw/1/*.onnx model_repository/nsfw/1/*.xml \

@@ -154,7 +154,7 @@ class Settings:
         "Triton's gRPC target: `host:port`, `dns:///name:port` (every address of the name is a "
         "replica, found again every TRITON_REFRESH_S), `dns://server:port/name:port` (asking "
         "that DNS server), `ipv4:a:port,b:port` (fixed replicas). See "
-        "[Several Triton replicas](#several-triton-replicas-behind-the-gateways).",
+        "[Several Triton replicas](scaling.md#several-triton-replicas-behind-the-gateways).",
         default="127.0.0.1:8001",
     )
     triton_metrics_url: str = _setting(

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -163,10 +162,3 @@ def test_the_shutdown_timeout_covers_the_longest_request_unless_set() -> None:
     assert s.graceful_timeout_s == 120 + 4 * 10 + (1 + 2 + 4) + 5
     assert Settings(triton_deadline_s=10, upload_backoff=()).graceful_timeout_s == 10 + 10 + 5
     assert Settings(shutdown_timeout_s=3).graceful_timeout_s == 3
-
-
-def test_the_readme_lists_every_setting_as_the_code_documents_it() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for variable, default, meaning in settings_table():
-        shown = f"`{default}`" if default else "(empty)"
-        assert f"| `{variable}` | {shown} | {meaning} |" in readme, variable
