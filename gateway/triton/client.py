@@ -1,23 +1,15 @@
-"""The gateway's Triton client: the one call per request, its deadline, the mapping of gRPC
-failures to HTTP, readiness, and the generation model's limits.
+"""The gateway's Triton client: the one call per request, its deadline, failover, readiness,
+and the generation model's limits.
 
 NSFW off calls the `txt2img` ensemble, so the classifier never runs; NSFW on calls
 `txt2img_nsfw`, where the classifier runs beside the upscaler and enforces its own 5 s budget.
 `/moderate` calls the classifier (`nsfw`) alone, with the client's image. Tensor names and
 sentinels come from `gateway.triton.contract`; which replica takes a call, from
-`gateway.triton.replicas`.
+`gateway.triton.replicas`; what a failure means, from `gateway.triton.failures`.
 
-Failover: a call whose replica never worked on it, or went away while it did, is retried once
-on another ready replica while the deadline leaves at least `_MIN_RETRY_S`: the replica was
-unreachable, refused or reset the connection (gRPC `UNAVAILABLE` from the transport), or is
-stopping (Triton's "Server is stopping"/"Server exiting", or the ensemble already unloaded by a
-drain: `NOT_FOUND` "has no available versions"). That is safe because a generation has no side
-effect before the gateway uploads it (and the retried call's image is uploaded under its own
-content hash). Never retried: a refusal by the model (`INVALID_ARGUMENT`: the same request
-fails anywhere), a model error (it ran, and may fail again; the work is not doubled), the NSFW
-fail-safe (an answer, not a failure), a full queue or a queue timeout (the replicas are
-saturated: a retry would add load exactly when the client should back off, so the 429/503 and
-its Retry-After go back), and a deadline (no time left).
+Failover: a call whose failure fails over (a replica that never worked on it, or went away while
+it did) is retried once on another ready replica while the deadline leaves at least
+`_MIN_RETRY_S`. The NSFW fail-safe is an answer, not a failure: never retried.
 """
 
 from __future__ import annotations
@@ -35,20 +27,13 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import (
-    GatewayError,
-    InvalidRequest,
-    Overloaded,
-    QueueTimeout,
-    Unavailable,
-    UpstreamError,
-    UpstreamTimeout,
-)
+from gateway.errors import Unavailable, UpstreamError
 from gateway.metrics import NULL_METRICS, Recorder
 from gateway.triton import contract
+from gateway.triton.failures import classify
 from gateway.triton.replicas import NoReplica, Replica, ReplicaSet
 from gateway.triton.target import parse_target
-from gateway.vocabulary import FailoverReason, TritonOutcome
+from gateway.vocabulary import TritonOutcome
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +50,6 @@ _CHANNEL_ARGS = [
 # A retry needs at least this much of the deadline left: less cannot make an image, and the
 # honest answer is then the 503 of the failure rather than a 504 after a doomed try.
 _MIN_RETRY_S = 1.0
-
-
-def failover_reason(exc: InferenceServerException) -> FailoverReason | None:
-    """Whether a failed call may be retried on another replica, and why (module docstring)."""
-    status = str(exc.status() or "")
-    message = str(exc.message() or "")
-    if _QUEUE_FULL in message or _QUEUE_TIMEOUT in message or "RESOURCE_EXHAUSTED" in status:
-        return None  # the replica's queue refused it: load, not a lost replica
-    if any(words in message for words in _STOPPING):
-        return FailoverReason.STOPPING
-    if "NOT_FOUND" in status:  # the ensemble is not served there (now): unloaded by a drain
-        return FailoverReason.STOPPING
-    if "UNAVAILABLE" in status or not status and "connect" in message.lower():
-        return FailoverReason.UNREACHABLE
-    return None
-
-
-# Triton 2.51's words (gRPC UNAVAILABLE all): a full queue, an expired queue wait, and a server
-# that got SIGTERM ("Server exiting" to health calls, "Server is stopping" to inference).
-_QUEUE_FULL = "Exceeds maximum queue size"
-_QUEUE_TIMEOUT = "Request timeout expired"
-_STOPPING = ("Server is stopping", "Server exiting", "has no available versions")
 
 
 @dataclass(frozen=True)
@@ -274,27 +237,36 @@ class TritonGateway:
                     timeout=queue_timeout_us,
                 )
             except InferenceServerException as exc:
-                failure = exc
+                failed = exc
             else:
-                failure = None
+                failed = None
             finally:
                 self.replicas.release(replica)
-            if failure is None:
+            if failed is None:
                 self.metrics.triton_address_called(replica.address, TritonOutcome.OK)
                 self.metrics.triton_called(model, TritonOutcome.OK)
                 return result
             elapsed = time.monotonic() - started
-            error = self._map_error(failure, model, elapsed, deadline_s)
-            self.metrics.triton_address_called(replica.address, _outcome(error))
-            reason = failover_reason(failure)
+            log.warning(
+                "triton %s failed after %.2fs: %s %s",
+                model,
+                elapsed,
+                str(failed.status() or ""),
+                str(failed.message() or ""),
+            )
+            failure = classify(failed)
+            self.metrics.triton_address_called(replica.address, failure.outcome)
+            reason = failure.failover
             if reason is not None:
                 self.replicas.not_serving(replica)
             other = None
             if reason is not None and not retried and deadline_s - elapsed >= _MIN_RETRY_S:
                 other = self._other_replica(replica)
             if other is None:
-                self.metrics.triton_called(model, _outcome(error))
-                raise error from None
+                self.metrics.triton_called(model, failure.outcome)
+                raise failure.error(
+                    failed, model=model, deadline_s=deadline_s, retry_after_s=self.retry_after_s
+                ) from None
             log.warning(
                 "retrying %s on %s: %s was %s", model, other.address, replica.address, reason.value
             )
@@ -317,40 +289,6 @@ class TritonGateway:
             return self.replicas.acquire(exclude=[failed], ready_only=True)
         except NoReplica:
             return None
-
-    def _map_error(
-        self, exc: InferenceServerException, model: str, elapsed: float, deadline_s: float
-    ) -> GatewayError:
-        status = str(exc.status() or "")
-        message = str(exc.message() or "")
-        log.warning("triton %s failed after %.2fs: %s %s", model, elapsed, status, message)
-        # Triton rejects a full queue with UNAVAILABLE too; its message tells the two apart.
-        if "RESOURCE_EXHAUSTED" in status or _QUEUE_FULL in message:
-            return Overloaded(
-                "the inference server is at capacity; retry later", retry_after=self.retry_after_s
-            )
-        if _QUEUE_TIMEOUT in message:
-            # The queue policy's REJECT: the request waited past its queue timeout, never ran.
-            return QueueTimeout(
-                "the request waited too long in the inference queue; retry later",
-                retry_after=self.retry_after_s,
-            )
-        if "UNAVAILABLE" in status or not status and "connect" in message.lower():
-            return Unavailable(
-                "the inference server is unavailable; retry later", retry_after=self.retry_after_s
-            )
-        if "DEADLINE_EXCEEDED" in status or (
-            # The diffusion model's own stop on `timeout_ms` comes back as CANCELLED.
-            "CANCELLED" in status and "timeout" in message
-        ):
-            return UpstreamTimeout(f"generation did not finish within {deadline_s:g}s")
-        if "INVALID_ARGUMENT" in status:
-            return InvalidRequest(f"the model refused the request: {message}")
-        if "NOT_FOUND" in status or "is not ready" in message or "unknown model" in message:
-            return Unavailable(
-                f"model {model} is not available; retry later", retry_after=self.retry_after_s
-            )
-        return UpstreamError(f"inference failed ({status or 'error'})")
 
     def probe(self) -> TritonHealth:
         """Is each replica live and ready, and is each ensemble the gateway calls ready there?
@@ -400,12 +338,3 @@ class TritonGateway:
                     loaded[name] = labels
         return loaded
 
-
-def _outcome(error: GatewayError) -> TritonOutcome:
-    return {
-        Unavailable: TritonOutcome.UNAVAILABLE,
-        QueueTimeout: TritonOutcome.QUEUE_TIMEOUT,
-        Overloaded: TritonOutcome.OVERLOADED,
-        UpstreamTimeout: TritonOutcome.DEADLINE,
-        InvalidRequest: TritonOutcome.INVALID,
-    }.get(type(error), TritonOutcome.ERROR)

@@ -24,8 +24,7 @@ from embedded.process import free_port
 from gateway import Settings
 from gateway.errors import GatewayError, InvalidRequest, Overloaded, Unavailable, UpstreamError
 from gateway.metrics import MAX_TRITON_ADDRESSES, NULL_METRICS, OTHER_ADDRESS, Metrics, Recorder
-from gateway.triton import TritonGateway
-from gateway.triton.client import failover_reason
+from gateway.triton import TritonGateway, failures
 from gateway.triton.replicas import NoReplica, ReplicaSet
 from gateway.triton.target import parse_target
 from gateway.vocabulary import FailoverReason, TritonOutcome
@@ -58,7 +57,7 @@ GOAWAY = "Stream removed (Socket closed (GOAWAY received; Error code: 0; Debug T
     ],
 )
 def test_which_failures_are_retried(status: str, message: str, reason: FailoverReason | None) -> None:
-    assert failover_reason(InferenceServerException(message, status=status)) is reason
+    assert failures.classify(InferenceServerException(message, status=status)).failover is reason
 
 
 class Scripted(service_pb2_grpc.GRPCInferenceServiceServicer):
