@@ -115,6 +115,10 @@ class FaultServer(BackgroundHTTPServer):
         times = [r.at for r in self.requests]
         return [b - a for a, b in itertools.pairwise(times)]
 
+    def release(self) -> None:
+        """Let every held answer (`HANG`, a `Respond` delay) go now, and later ones at once."""
+        self._released.set()
+
     def stop(self) -> None:
         self._released.set()  # let hanging handlers go
         super().stop()

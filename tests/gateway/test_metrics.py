@@ -124,9 +124,11 @@ def test_the_clients_record_through_their_recorder() -> None:
 def test_stages_and_in_flight_of_one_generate(
     make_app: Any, triton_settings: Settings, fault_server: FaultServer
 ) -> None:
-    """While the upload hangs, the request is in flight; afterwards every stage has one sample."""
-    fault_server.set_script(HANG)
-    app = make_app(triton_settings.replace(upload_timeout_s=1.5, upload_backoff=()))
+    """While storage holds the upload, the request is in flight; afterwards every stage has one
+    sample, the upload's at least as long as storage held it."""
+    fault_server.set_script(HANG)  # until released: then it drops the connection, unanswered
+    # Only the release ends the upload: no client timeout runs out while the test looks.
+    app = make_app(triton_settings.replace(upload_timeout_s=60, upload_backoff=()))
     body = {
         "prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 1,
         "upscale": False, "enable_nsfw_check": True, "s3_prefix": f"{fault_server.url}/b/1.png",
@@ -138,10 +140,13 @@ def test_stages_and_in_flight_of_one_generate(
     worker.start()
     scrape = app.test_client()
     deadline = time.monotonic() + 60
-    # The upload has started (and hangs): generation, encoding and hashing are done.
+    # The upload has started (and is held): generation, encoding and hashing are done.
     while not fault_server.requests and worker.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert fault_server.requests, "the upload never reached storage"
     text_during = scrape.get("/metrics").get_data(as_text=True)
+    released = time.monotonic()
+    fault_server.release()
     worker.join(60)
     assert answers == [502]
     assert value(text_during, "gateway_generate_in_flight") == 1
@@ -151,8 +156,10 @@ def test_stages_and_in_flight_of_one_generate(
         assert value(text, "gateway_generate_stage_duration_seconds_count", stage=stage) == 1, stage
     total = value(text, "gateway_generate_stage_duration_seconds_sum", stage="total")
     upload = value(text, "gateway_generate_stage_duration_seconds_sum", stage="upload")
-    assert total is not None and upload is not None and 1.5 <= upload <= total
+    held = released - fault_server.requests[0].at
+    assert total is not None and upload is not None and held <= upload <= total
     assert value(text, "gateway_uploads_total", result="failure", status_class="none") == 1
+    assert value(text, "gateway_upload_attempts_total", outcome="connection_error") == 1
     assert value(text, "gateway_nsfw_checks_total", status="ok") == 1
     assert value(text, "gateway_nsfw_score_count") == 1
 
