@@ -19,13 +19,10 @@ full run scores with the ViT-B/16 classifier of benchmarks.nsfw (--smoke: the de
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +32,8 @@ import tritonclient.grpc as grpcclient
 
 from benchmarks import nsfw
 from benchmarks.report import Timings, print_summary, print_table
-from embedded.process import free_port
-from embedded.s3 import MotoS3Server
-from embedded.stack import GatewayProcess, gateway_environment
-from embedded.triton import DEFAULT_REPOSITORY, TritonServer
+from embedded.s3 import LocalS3
+from embedded.stack import LocalStack
 from gateway.triton import contract
 
 BUCKET = "bench"
@@ -49,62 +44,14 @@ ROUNDS = 4  # turns each side takes in the concurrency measurement
 SEED = 1234
 
 
-@dataclass(frozen=True)
-class Stack:
-    triton: TritonServer
-    s3: MotoS3Server
-    gateway: GatewayProcess
-
-    def presigned(self, key: str) -> str:
-        import boto3
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.s3.url,
-            region_name="us-east-1",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
-        )
-        return client.generate_presigned_url(
-            "put_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=3600
-        )
-
-
-@contextmanager
-def local_stack(workdir: Path, nsfw_onnx: Path | None = None) -> Iterator[Stack]:
+def service_stack(workdir: Path, nsfw_onnx: Path | None = None) -> LocalStack:
     """Triton, moto and the gateway; `nsfw_onnx` replaces the repository's classifier."""
-    with ExitStack() as cleanup:
-        env = {"IMAGEGEN_NSFW_ONNX": str(nsfw_onnx)} if nsfw_onnx else {}
-        triton = TritonServer.on_free_ports(DEFAULT_REPOSITORY, workdir / "triton", env=env)
-        cleanup.callback(triton.stop)
-        s3 = MotoS3Server(port=free_port(), log_path=workdir / "s3.log").start()
-        cleanup.callback(s3.stop)
-        s3.wait_ready()
-        env = gateway_environment(
-            dict(os.environ),
-            host="127.0.0.1",
-            grpc_port=triton.grpc_port,
-            metrics_port=triton.metrics_port,
-            s3_port=s3.port,
-        )
+    return LocalStack(
+        workdir,
+        triton_env={"IMAGEGEN_NSFW_ONNX": str(nsfw_onnx)} if nsfw_onnx else {},
         # Room for every client: the default in-flight bound would turn the load test into 429s.
-        env.update(
-            GATEWAY_PORT=str(free_port()),
-            GATEWAY_THREADS=str(CLIENTS),
-            GATEWAY_MAX_IN_FLIGHT=str(CLIENTS),
-        )
-        gateway = GatewayProcess(env, log_path=workdir / "gateway.log")
-        gateway.start()
-        cleanup.callback(gateway.stop)
-        gateway.wait_ready(120)
-        stack = Stack(triton, s3, gateway)
-        import boto3
-
-        boto3.client(
-            "s3", endpoint_url=s3.url, region_name="us-east-1",
-            aws_access_key_id="bench", aws_secret_access_key="bench",
-        ).create_bucket(Bucket=BUCKET)
-        yield stack
+        gateway_settings={"THREADS": str(CLIENTS), "MAX_IN_FLIGHT": str(CLIENTS)},
+    )
 
 
 def direct_call(client: grpcclient.InferenceServerClient, width: int, height: int, scale: int,
@@ -121,8 +68,9 @@ def direct_call(client: grpcclient.InferenceServerClient, width: int, height: in
     return call
 
 
-def gateway_call(session: requests.Session, stack: Stack, width: int, height: int, upscale: bool,
-                 *, upload: bool, nsfw: bool, steps: int = STEPS) -> Callable[[], None]:
+def gateway_call(session: requests.Session, gateway_url: str, bucket: LocalS3, width: int,
+                 height: int, upscale: bool, *, upload: bool, nsfw: bool,
+                 steps: int = STEPS) -> Callable[[], None]:
     body: dict[str, Any] = {
         "prompt": "a quiet harbour at dawn",
         "width": width,
@@ -134,10 +82,10 @@ def gateway_call(session: requests.Session, stack: Stack, width: int, height: in
         "response_format": "s3" if upload else "b64_json",
     }
     if upload:
-        body["s3_prefix"] = stack.presigned("bench/1.png")
+        body["s3_prefix"] = bucket.presign_put("bench/1.png")
 
     def call() -> None:
-        response = session.post(f"{stack.gateway.url}/generate", json=body, timeout=300)
+        response = session.post(f"{gateway_url}/generate", json=body, timeout=300)
         if response.status_code != 200:
             raise RuntimeError(f"/generate answered {response.status_code}: {response.text[:300]}")
 
@@ -232,7 +180,8 @@ def run(runs: int, seconds: float, smoke: bool) -> dict[str, float]:
     # classifier of Falconsai's shape (the variant benchmarks.nsfw serves), not the tiny demo one.
     nsfw_onnx = None if smoke else nsfw.served_file(nsfw.prepare(smoke=False)[1])
     figures: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp, local_stack(Path(tmp), nsfw_onnx) as stack:
+    with tempfile.TemporaryDirectory() as tmp, service_stack(Path(tmp), nsfw_onnx) as stack:
+        gateway_url, bucket = stack.gateway.url, stack.bucket(BUCKET)
         client = grpcclient.InferenceServerClient(stack.triton.grpc_url)
         session = requests.Session()
         rows = []
@@ -243,9 +192,9 @@ def run(runs: int, seconds: float, smoke: bool) -> dict[str, float]:
             timings, outside = paired(
                 {
                     "direct": direct_call(client, width, height, scale),
-                    "s3+nsfw": gateway_call(session, stack, width, height, scale == 2,
+                    "s3+nsfw": gateway_call(session, gateway_url, bucket, width, height, scale == 2,
                                             upload=True, nsfw=True),
-                    "b64": gateway_call(session, stack, width, height, scale == 2,
+                    "b64": gateway_call(session, gateway_url, bucket, width, height, scale == 2,
                                         upload=False, nsfw=False),
                 },
                 runs,
@@ -267,9 +216,9 @@ def run(runs: int, seconds: float, smoke: bool) -> dict[str, float]:
                 overhead_wall = timings["b64"].p50_ms - base
         print(f"Latency, {runs} alternating runs each, {STEPS} steps, generated {width}x{height}, "
               f"NSFW classifier: {nsfw_onnx or 'the repository default'}")
-        # The figures are p50 minus p50, as issue 5 defines them. Beside them: the median of the
-        # run-by-run differences, and the p50 of each call's wall time minus the time Triton
-        # spent on it (from its statistics), which generation noise does not reach.
+        # The figures are p50 minus p50. Beside them: the median of the run-by-run differences,
+        # and the p50 of each call's wall time minus the time Triton spent on it (from its
+        # statistics), which generation noise does not reach.
         print_table(
             ["output", "call", "p50 ms", "minus direct ms", "median paired Δ ms",
              "outside Triton p50 ms"],
@@ -285,7 +234,8 @@ def run(runs: int, seconds: float, smoke: bool) -> dict[str, float]:
 
         def fast_gateway() -> tuple[Callable[[], None], Callable[[], None]]:
             http = requests.Session()
-            call = gateway_call(http, stack, 64, 64, False, upload=False, nsfw=False, steps=1)
+            call = gateway_call(http, gateway_url, bucket, 64, 64, False, upload=False, nsfw=False,
+                                steps=1)
             return call, http.close
 
         rps = throughput({"triton": fast_direct, "gateway": fast_gateway}, seconds)

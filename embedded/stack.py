@@ -1,9 +1,11 @@
 """The whole service on loopback: embedded Triton, a local S3 (moto) and the gateway (gunicorn).
 
-`python -m embedded.stack` (what `make serve` runs) starts the three, waits until each is ready,
-prints where they are, and stops them together on Ctrl-C or SIGTERM, or when one of them dies.
-`GATEWAY_*` variables from the environment reach the gateway; without
-`GATEWAY_UPLOAD_ALLOWED_HOSTS` it may upload to the local S3 only.
+`LocalStack` starts the three, each once the one before can serve it, and stops them together;
+`make serve`, the service benchmark and the load run (harness/load.py) all run it.
+`python -m embedded.stack` (what `make serve` runs) starts one on the usual ports, prints where
+the parts are, and stops them on Ctrl-C or SIGTERM, or when one of them dies. `GATEWAY_*`
+variables from the environment reach the gateway; without `GATEWAY_UPLOAD_ALLOWED_HOSTS` it may
+upload to the local S3 only.
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
+from typing import Any, Protocol
 
-from embedded.process import ManagedProcess, ProcessStartError
-from embedded.s3 import MotoS3Server
+from typing_extensions import Self
+
+from embedded.process import ManagedProcess, ProcessStartError, free_port
+from embedded.s3 import BUCKET, LocalS3, MotoS3Server
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
 
 log = logging.getLogger("embedded.stack")
 
 RUN_DIR = PROJECT_ROOT / ".run"
 GUNICORN_CONF = PROJECT_ROOT / "gateway" / "gunicorn.conf.py"
+S3_READY_TIMEOUT_S = 60.0
+GATEWAY_READY_TIMEOUT_S = 120.0
 
 
 class Shutdown(Exception):
@@ -37,23 +46,6 @@ class StackError(ProcessStartError):
 
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
-
-
-def gateway_environment(
-    base: dict[str, str], *, host: str, grpc_port: int, metrics_port: int, s3_port: int
-) -> dict[str, str]:
-    """The gateway's environment: the caller's `GATEWAY_*` win over the stack's defaults."""
-    env = dict(base)
-    env.setdefault("GATEWAY_TRITON_URL", f"{host}:{grpc_port}")
-    env.setdefault("GATEWAY_TRITON_METRICS_URL", f"http://{host}:{metrics_port}/metrics")
-    env.setdefault(
-        "GATEWAY_UPLOAD_ALLOWED_HOSTS", f"http://127.0.0.1:{s3_port},http://localhost:{s3_port}"
-    )
-    env.setdefault("GATEWAY_HOST", host)
-    env.setdefault("GATEWAY_PORT", "8080")
-    # Keep the project importable however the stack was launched.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
-    return env
 
 
 class GatewayProcess(ManagedProcess):
@@ -83,6 +75,178 @@ class GatewayProcess(ManagedProcess):
     def ready_url(self) -> str:
         return f"{self.url}/readyz"
 
+    def worker_pids(self) -> list[int]:
+        """gunicorn's workers: the master's children."""
+        if self.process is None:
+            raise StackError(f"{self.name} is not running")
+        pid = self.process.pid
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the (single) worker."""
+        [pid] = self.worker_pids()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise StackError(f"no VmRSS in /proc/{pid}/status")
+
+
+@dataclass(frozen=True)
+class Ports:
+    triton_http: int
+    triton_grpc: int
+    triton_metrics: int
+    s3: int
+    gateway: int
+
+    @classmethod
+    def free(cls, host: str = "127.0.0.1") -> Ports:
+        return cls(*(free_port(host) for _ in fields(cls)))
+
+
+class Front(Protocol):
+    """A server the gateway uploads through on its way to the local S3 (the load run's flaky
+    storage): listening once built, serving once started."""
+
+    @property
+    def hostport(self) -> str: ...
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+class LocalStack:
+    """Triton, the local S3 and the gateway under gunicorn on loopback: started in that order,
+    each waited for, and stopped together (gateway first); a context manager.
+
+    Logs and Triton's workdir go under `run_dir`. `ports` None takes free ones. A given `triton`
+    is one the caller runs (the load run's replicas): the gateway calls it, the stack neither
+    starts nor stops it. `front(s3_url)` builds a server before the local S3 that the gateway
+    may upload through instead. The gateway's environment is `environ` (default: this
+    process's) with the stack's defaults for what it does not set, then `gateway_settings`
+    (`GATEWAY_*` names without the prefix) over both.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        ports: Ports | None = None,
+        repository: Path = DEFAULT_REPOSITORY,
+        triton_env: Mapping[str, str] | None = None,
+        triton_ready_timeout_s: float = TritonServer.ready_timeout_s,
+        triton: TritonServer | None = None,
+        front: Callable[[str], Front] | None = None,
+        environ: Mapping[str, str] | None = None,
+        gateway_settings: Mapping[str, str] | None = None,
+        gateway_log: bool = True,
+    ) -> None:
+        self.run_dir = run_dir
+        self.ports = ports or Ports.free(host)
+        self.owns_triton = triton is None
+        self.triton = triton or TritonServer(
+            repository=repository,
+            host=host,
+            http_port=self.ports.triton_http,
+            grpc_port=self.ports.triton_grpc,
+            metrics_port=self.ports.triton_metrics,
+            workdir=run_dir / "triton",
+            log_path=run_dir / "triton.log",
+            env=dict(triton_env or {}),
+        )
+        self.triton_ready_timeout_s = triton_ready_timeout_s
+        self.s3 = MotoS3Server(host=host, port=self.ports.s3, log_path=run_dir / "s3.log")
+        self.front = front(self.s3.url) if front else None
+        self._front_serving = False
+        env = dict(os.environ if environ is None else environ)
+        env.setdefault("GATEWAY_TRITON_URL", self.triton.grpc_url)
+        env.setdefault("GATEWAY_TRITON_METRICS_URL", self.triton.metrics_url)
+        env.setdefault(
+            "GATEWAY_UPLOAD_ALLOWED_HOSTS",
+            f"http://{self.front.hostport}"
+            if self.front
+            else f"http://127.0.0.1:{self.s3.port},http://localhost:{self.s3.port}",
+        )
+        env.setdefault("GATEWAY_HOST", host)
+        env.setdefault("GATEWAY_PORT", str(self.ports.gateway))
+        env.update({f"GATEWAY_{name}": value for name, value in (gateway_settings or {}).items()})
+        # Keep the project importable however the stack was launched.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p
+        )
+        self.gateway = GatewayProcess(env, run_dir / "gateway.log" if gateway_log else None)
+
+    @property
+    def upload_allowed_hosts(self) -> str:
+        return self.gateway.env["GATEWAY_UPLOAD_ALLOWED_HOSTS"]
+
+    def check_settings(self) -> None:
+        """Raises the gateway's SettingsError: worth knowing before a minute spent on Triton."""
+        from gateway.settings import Settings
+
+        Settings.from_env(self.gateway.env)
+
+    def start(self) -> Self:
+        """Start and wait for every part; on failure what started is left to stop()."""
+        self.check_settings()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.owns_triton:
+            log.info(
+                "starting Triton (log: %s) and S3 (log: %s)", self.triton.log_path, self.s3.log_path
+            )
+            Path(self.triton.workdir).mkdir(parents=True, exist_ok=True)
+            self.triton.start()
+        self.s3.start()
+        self.s3.wait_ready(timeout=S3_READY_TIMEOUT_S)
+        log.info("S3 ready at %s", self.s3.url)
+        if self.front:
+            self.front.start()
+            self._front_serving = True
+        if self.owns_triton:
+            self.triton.wait_ready(timeout=self.triton_ready_timeout_s)
+            log.info("Triton ready at %s (gRPC %s)", self.triton.http_url, self.triton.grpc_url)
+        self.gateway.start()
+        self.gateway.wait_ready(timeout=GATEWAY_READY_TIMEOUT_S)
+        return self
+
+    def exited(self) -> str | None:
+        """The first part whose process is gone, or None while all run."""
+        parts = {"triton": self.triton, "s3": self.s3, "gateway": self.gateway}
+        if not self.owns_triton:
+            del parts["triton"]
+        for name, part in parts.items():
+            if part.process is None or part.process.poll() is not None:
+                return name
+        return None
+
+    def stop(self) -> None:
+        """Stop whatever runs, gateway first; safe to call again."""
+        self.gateway.stop()
+        if self.owns_triton:
+            self.triton.stop()
+        if self.front and self._front_serving:
+            self._front_serving = False
+            self.front.stop()
+        self.s3.stop()
+
+    def bucket(self, name: str = BUCKET) -> LocalS3:
+        """A bucket of the local S3, created."""
+        return LocalS3(self.s3, name).create()
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
 
 def _raise_shutdown(signum: int, _frame: FrameType | None) -> None:
     raise Shutdown(signal.Signals(signum).name)
@@ -103,50 +267,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    env = gateway_environment(
-        dict(os.environ),
+    stack = LocalStack(
+        args.run_dir,
         host=args.host,
-        grpc_port=args.triton_grpc_port,
-        metrics_port=args.triton_metrics_port,
-        s3_port=args.s3_port,
+        # The gateway's port is GATEWAY_PORT's, as any other setting of the environment.
+        ports=Ports(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port,
+                    args.s3_port, gateway=8080),
+        repository=args.model_repository,
+        triton_ready_timeout_s=args.ready_timeout,
+        gateway_log=False,  # the gateway's JSON lines go to the terminal
     )
-    # Check the gateway's settings before spending a minute on Triton.
-    from gateway.settings import Settings, SettingsError
+    from gateway.settings import SettingsError
 
     try:
-        Settings.from_env(env)
+        stack.check_settings()
     except SettingsError as exc:
         print(f"embedded.stack: {exc}", file=sys.stderr)
         return 2
-
-    run_dir: Path = args.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    triton = TritonServer(
-        repository=args.model_repository,
-        host=args.host,
-        http_port=args.triton_http_port,
-        grpc_port=args.triton_grpc_port,
-        metrics_port=args.triton_metrics_port,
-        workdir=run_dir / "triton",
-        log_path=run_dir / "triton.log",
-    )
-    s3 = MotoS3Server(host=args.host, port=args.s3_port, log_path=run_dir / "s3.log")
-    gateway = GatewayProcess(env)
 
     signal.signal(signal.SIGTERM, _raise_shutdown)
     signal.signal(signal.SIGINT, _raise_shutdown)
     code = 0
     try:
-        log.info("starting Triton (log: %s) and S3 (log: %s)", triton.log_path, s3.log_path)
-        (run_dir / "triton").mkdir(parents=True, exist_ok=True)
-        triton.start()
-        s3.start()
-        s3.wait_ready(timeout=60)
-        log.info("S3 ready at %s", s3.url)
-        triton.wait_ready(timeout=args.ready_timeout)
-        log.info("Triton ready at %s (gRPC %s)", triton.http_url, triton.grpc_url)
-        gateway.start()
-        gateway.wait_ready(timeout=120)
+        stack.start()
+        triton, s3, gateway = stack.triton, stack.s3, stack.gateway
         print(
             "\n".join(
                 [
@@ -154,23 +298,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"gateway   {gateway.url}  (POST /generate, /readyz, /metrics, /openapi.json)",
                     f"triton    {triton.http_url}  gRPC {triton.grpc_url}  metrics {triton.metrics_url}",
                     f"s3 (moto) {s3.url}  (any bucket; credentials: anything)",
-                    f"uploads allowed to: {env['GATEWAY_UPLOAD_ALLOWED_HOSTS']}",
-                    f"logs      {run_dir}",
+                    f"uploads allowed to: {stack.upload_allowed_hosts}",
+                    f"logs      {stack.run_dir}",
                     "ready: try `make demo`; Ctrl-C stops everything",
                     "",
                 ]
             ),
             flush=True,
         )
-        while True:
-            for name, proc in (
-                ("triton", triton.process),
-                ("s3", s3.process),
-                ("gateway", gateway.process),
-            ):
-                if proc is None or proc.poll() is not None:
-                    raise StackError(f"{name} exited unexpectedly")
+        while (gone := stack.exited()) is None:
             time.sleep(0.5)
+        raise StackError(f"{gone} exited unexpectedly")
     except Shutdown as stop:
         log.info("%s: stopping", stop)
     except Exception as exc:  # noqa: BLE001 - any failure ends in the same orderly stop
@@ -180,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         # A second Ctrl-C must not interrupt the stop half-way and leave orphans.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        gateway.stop()
-        triton.stop()
-        s3.stop()
+        stack.stop()
         log.info("stopped")
     return code
 

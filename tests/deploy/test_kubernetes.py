@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy import kube
+from harness import kube
 from tests.deploy.tools import require
 
 SHAPES = {"overlays/gpu": "gpu", "overlays/cpu": "cpu"}

@@ -1,4 +1,4 @@
-"""The Triton autoscaling signal, measured (tests/deploy/scaling_signal.py): a real Prometheus,
+"""The Triton autoscaling signal, measured (harness/scaling_signal.py): a real Prometheus,
 with deploy/prometheus/kubernetes.yml's triton job and the recording rule, scrapes the session's
 Triton (one diffusion instance) while three passes' worth of clients (diffusion batches up to
 its max_batch_size requests into one pass) call txt2img back to back, then stop. The
@@ -8,15 +8,15 @@ under load and fall below it once the load stops.
 Shortened so it fits `make test`: 1 s scrapes and evaluations, the rule's 1 m windows cut to
 20 s, and the load stops once the ratio was above the target in 3 samples in a row (at most
 90 s: generations slow down when other work shares the 2 cores, and Triton counts a request's
-queue and compute time when it completes). The README gives the command
-for the shipped rule as is, with fixed phases."""
+queue and compute time when it completes). `python -m harness.scaling_signal` measures the
+shipped rule as is, with fixed phases."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tests.deploy import scaling_signal
+from harness import scaling_signal
 from tests.deploy.tools import require
 
 

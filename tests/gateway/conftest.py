@@ -1,5 +1,6 @@
-"""Fixtures for the gateway tests: real servers only (moto S3, a scripted fault server, and the
-session's Triton from tests/conftest.py), apps built from explicit `Settings` values."""
+"""Fixtures for the gateway tests: real servers only (moto S3 with embedded/s3.py's bucket, a
+scripted fault server, and the session's Triton from tests/conftest.py), apps built from explicit
+`Settings` values."""
 
 from __future__ import annotations
 
@@ -7,58 +8,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 from flask import Flask
 from flask.testing import FlaskClient
 
 from embedded.process import free_port
-from embedded.s3 import MotoS3Server
+from embedded.s3 import LocalS3, MotoS3Server
 from gateway import Settings, create_app
 from tests.gateway.fake_nvidia import faces
 from tests.gateway.faults import FaultServer
-
-BUCKET = "aiu-character"
-
-
-class LocalS3:
-    def __init__(self, server: MotoS3Server) -> None:
-        self.server = server
-        self.url = server.url
-        self.hostport = f"{server.host}:{server.port}"
-        self.bucket = BUCKET
-
-    def client(self, signature_version: str = "s3v4") -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-            config=Config(signature_version=signature_version),
-        )
-
-    def presign_put(self, key: str, signature_version: str = "s3v4") -> str:
-        return self.client(signature_version).generate_presigned_url(
-            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=3600
-        )
-
-    def get(self, key: str) -> bytes:
-        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
-
-    def keys(self) -> list[str]:
-        listed = self.client().list_objects_v2(Bucket=self.bucket)
-        return [item["Key"] for item in listed.get("Contents", [])]
 
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
     log_path = Path(tmp_path_factory.mktemp("s3")) / "moto.log"
     with MotoS3Server(port=free_port(), log_path=log_path) as server:
-        local = LocalS3(server)
-        local.client().create_bucket(Bucket=BUCKET)
-        yield local
+        yield LocalS3(server).create()
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from harness.httpserver import BackgroundHTTPServer
 from tests.gateway.faults import CLOSE, HANG, Action, Received, Respond
-from tests.httpserver import BackgroundHTTPServer
 
 API_PATH = "/v1/cv/hive/deepfake-image-detection"
 API_KEY = "nvapi-TEST-k3y-0123456789abcdef"

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
-from tests.httpserver import BackgroundHTTPServer
+from harness.httpserver import BackgroundHTTPServer
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The gateway as it runs in production: gunicorn with gateway/gunicorn.conf.py, in a process of
-its own on a free port, its output (the JSON logs) captured in a file."""
+"""The gateway as it runs in production: gunicorn with gateway/gunicorn.conf.py (embedded/stack.py's
+GatewayProcess), in a process of its own on a free port, with only the settings a test gives, its
+output (the JSON logs) captured in a file."""
 
 from __future__ import annotations
 
@@ -39,19 +40,6 @@ class GunicornGateway(GatewayProcess):
             return super().wait_ready(timeout)
         except StackError as exc:  # gunicorn's own words say why
             raise RuntimeError(f"{exc}:\n{self.output()}") from None
-
-    def worker_pids(self) -> list[int]:
-        assert self.process is not None
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()]
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the (single) worker."""
-        [pid] = self.worker_pids()
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -1,4 +1,4 @@
-"""The shortened load run of `python -m tests.load.run`: 32 concurrent clients against gunicorn,
+"""The shortened load run of `python -m harness.load`: 32 concurrent clients against gunicorn,
 the session's Triton and the local S3 behind a flaky storage front. Nothing may be lost: no 500,
 every 200's object stored with the MD5 it claims, every failure a 502 with the final status."""
 
@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
+from embedded.s3 import LocalS3
 from gateway import Settings
-from tests.gateway.conftest import LocalS3
+from harness.flaky_storage import Faults, FlakyStorage
+from harness.load import RssSampler, drive, object_reader, presigner, violations
 from tests.gateway.process import GunicornGateway
-from tests.load.flaky_storage import Faults, FlakyStorage
-from tests.load.run import RssSampler, drive, object_reader, presigner, violations
 
 CLIENTS = 32
-REQUESTS = 3  # each; `python -m tests.load.run` sends 8 (256 in all) with the real backoff
+REQUESTS = 3  # each; `python -m harness.load` sends 8 (256 in all) with the real backoff
 
 
 @pytest.fixture

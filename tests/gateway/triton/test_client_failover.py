@@ -28,8 +28,8 @@ from gateway.triton import TritonGateway, failures
 from gateway.triton.replicas import NoReplica, ReplicaSet
 from gateway.triton.target import parse_target
 from gateway.vocabulary import FailoverReason, TritonOutcome
-from tests.dnsserver import LoopbackDns
-from tests.load.run import wait_until
+from harness.dnsserver import LoopbackDns
+from harness.load import wait_until
 
 STOPPING = "in ensemble 'txt2img', [request id: <id_unknown>] Server is stopping, scheduler for model has stopped accepting new inference requests"
 UNLOADED = "Request for unknown model: 'txt2img' has no available versions"

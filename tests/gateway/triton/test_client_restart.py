@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from embedded.s3 import LocalS3
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
-from tests.gateway.conftest import LocalS3
-from tests.gateway.process import GunicornGateway
-from tests.load.run import (
+from harness.load import (
     Outcome,
     answered,
     crash_and_restart,
@@ -22,6 +21,7 @@ from tests.load.run import (
     violations,
     wait_until,
 )
+from tests.gateway.process import GunicornGateway
 
 CLIENTS = 6
 

@@ -20,15 +20,13 @@ import tritonclient.grpc as grpcclient
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedded.s3 import LocalS3
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from gateway import Settings
 from gateway.errors import InvalidRequest
 from gateway.triton import contract
-from tests.dnsserver import LoopbackDns
-from tests.gateway.conftest import LocalS3
-from tests.gateway.process import GunicornGateway, request
-from tests.load.replicas import ReplicaGroup, kill, restart, terminate
-from tests.load.run import (
+from harness.dnsserver import LoopbackDns
+from harness.load import (
     Outcome,
     answered,
     drive,
@@ -37,10 +35,12 @@ from tests.load.run import (
     violations,
     wait_until,
 )
+from harness.replicas import ReplicaGroup, kill, restart, terminate
+from tests.gateway.process import GunicornGateway, request
 
 CLIENTS = 6
 BOUND_S = 30.0  # a replica added behind the name takes calls, and a removed one none, within this
-MODEL = "txt2img_nsfw"  # what tests.load.run's requests call
+MODEL = "txt2img_nsfw"  # what harness.load's requests call
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from embedded.process import free_port
 from gateway import Settings
 from gateway.settings import SettingsError
 from gateway.triton.target import DnsTarget, Endpoint, FixedTarget, ResolutionError, parse_target
-from tests.dnsserver import LoopbackDns
+from harness.dnsserver import LoopbackDns
 
 
 @pytest.fixture

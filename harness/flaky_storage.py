@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
-from tests.httpserver import BackgroundHTTPServer
+from harness.httpserver import BackgroundHTTPServer
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class FlakyStorage(BackgroundHTTPServer):
         self._random = random.Random(self.seed)
         self._lock = threading.Lock()
         upstream = urlsplit(self.upstream)
-        assert upstream.hostname and upstream.port
+        if not (upstream.hostname and upstream.port):
+            raise ValueError(f"the upstream needs a host and a port: {self.upstream!r}")
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""The lifecycle the tests' own HTTP servers share: listen on a free port, serve from a thread."""
+"""The lifecycle the loopback HTTP servers of the tests and the load run share: listen on a free port, serve from a thread."""
 
 from __future__ import annotations
 

@@ -19,14 +19,14 @@ from typing import Any
 
 import yaml
 
+from embedded.triton import DEFAULT_REPOSITORY as MODEL_REPOSITORY
+from embedded.triton import PROJECT_ROOT as ROOT
 from gateway.settings import PREFIX, Settings, SettingsError
-from tests.deploy.tools import checkov, kubectl, kubernetes_validate
+from harness.tools import checkov, kubectl, kubernetes_validate
 
-ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES_DIR = ROOT / "deploy" / "kubernetes"
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DOCKER_DIR = ROOT / "deploy" / "docker"
-MODEL_REPOSITORY = ROOT / "model_repository"
 # The oldest Kubernetes these manifests support (the preStop `sleep` action is on by default
 # from 1.30) and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")

@@ -1,20 +1,22 @@
 """Load with faults: concurrent clients against the real stack, a flaky storage before the local S3.
 
-    .venv/bin/python -m tests.load.run                       # 32 clients × 8 requests each
-    .venv/bin/python -m tests.load.run --restart-triton-after 100   # the same, Triton crashing
-    .venv/bin/python -m tests.load.run --replicas 3 --stop-replica sigkill   # one of 3 crashing
-    .venv/bin/python -m tests.load.run --replicas 3 --stop-replica sigterm   # one of 3 draining
+    .venv/bin/python -m harness.load                       # 32 clients × 8 requests each
+    .venv/bin/python -m harness.load --restart-triton-after 100   # the same, Triton crashing
+    .venv/bin/python -m harness.load --replicas 3 --stop-replica sigkill   # one of 3 crashing
+    .venv/bin/python -m harness.load --replicas 3 --stop-replica sigterm   # one of 3 draining
 
-Starts its own Triton (demo models), moto, the flaky proxy (tests/load/flaky_storage.py) and the
-gateway under gunicorn, all on free loopback ports. Every client sends its requests one after the
-other (64×64, 2 steps, NSFW on, each to its own presigned key). Then it checks what the issue asks:
-no 500; every 200's object exists in S3 and its MD5 is `image_hash`; every failure is a 502
-`upload_failed` carrying the final storage status (503s are allowed only around a Triton
-restart); and it prints the gateway's RSS before, at peak and after. Exit status 1 on a violation.
+Starts its own local stack (embedded/stack.py: Triton with the demo models, moto, the gateway
+under gunicorn) with the flaky proxy (harness/flaky_storage.py) before the local S3, all on free
+loopback ports. Every client sends its requests one after the other (64×64, 2 steps, NSFW on,
+each to its own presigned key). Then it checks what must hold: no 500; every 200's object
+exists in S3 and its MD5 is `image_hash`; every failure is a 502 `upload_failed` carrying the
+final storage status (503s are allowed only around a Triton restart); and it prints the
+gateway's RSS before, at peak and after. Exit status 1 on a violation.
 
-With `--replicas N` it starts N Tritons behind one target (tests/load/replicas.py), can stop the
+With `--replicas N` it starts N Tritons behind one target (harness/replicas.py), can stop the
 first one mid-run, and reports each replica's share of the Triton calls with their outcomes and
 the gateway's retries on another replica; a stopped replica must cost no failed request.
+tests/gateway/test_load.py runs a shortened version in `make test`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -38,9 +41,11 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 from typing_extensions import Self
 
+from embedded.s3 import LocalS3
+from embedded.stack import LocalStack
 from embedded.triton import TritonServer
-from tests.load.flaky_storage import FlakyStorage
-from tests.load.replicas import ReplicaGroup, kill, terminate
+from harness.flaky_storage import FlakyStorage
+from harness.replicas import ReplicaGroup, kill, terminate
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
-def object_reader(s3: Any) -> Callable[[str], bytes | None]:
+def object_reader(s3: LocalS3) -> Callable[[str], bytes | None]:
     """An S3 object's bytes by key, read from the local S3 itself (not through the proxy)."""
     client = s3.client()
 
@@ -193,7 +198,7 @@ def object_reader(s3: Any) -> Callable[[str], bytes | None]:
     return get_object
 
 
-def presigner(s3: Any, front: FlakyStorage | None = None) -> Callable[[str], str]:
+def presigner(s3: LocalS3, front: FlakyStorage | None = None) -> Callable[[str], str]:
     """Presigned PUT URLs for the local S3, pointed at the flaky front when there is one."""
     if front is None:
         return s3.presign_put
@@ -353,45 +358,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--stop-replica needs --replicas 2 or more")
     stop_after = args.stop_after or args.clients * args.requests // 3
 
-    from embedded.process import free_port
-    from embedded.s3 import MotoS3Server
-    from embedded.triton import DEFAULT_REPOSITORY
-    from tests.gateway.conftest import BUCKET, LocalS3
-    from tests.gateway.process import GunicornGateway
-
     workdir = Path(tempfile.mkdtemp(prefix="imagegen-load-"))
     print(f"logs in {workdir}", flush=True)
-    if args.replicas == 1:
-        triton = TritonServer.on_free_ports(DEFAULT_REPOSITORY, workdir / "triton")
-        group = ReplicaGroup([triton])
-        target = triton.grpc_url
-    else:
-        group = ReplicaGroup.launch(args.replicas, workdir, addressing=args.addressing)
-        triton, target = group.replicas[0], group.target
-        print(f"{args.replicas} replicas behind {target}", flush=True)
-    moto = MotoS3Server(port=free_port(), log_path=workdir / "moto.log").start().wait_ready()
-    s3 = LocalS3(moto)
-    s3.client().create_bucket(Bucket=BUCKET)
-    storage = FlakyStorage(s3.url, seed=args.seed).start() if args.storage_faults == "on" else None
-    gateway = GunicornGateway(
-        workdir / "gateway.log",
-        TRITON_URL=target,
-        TRITON_METRICS_URL=triton.metrics_url,
-        UPLOAD_ALLOWED_HOSTS=f"http://{storage.hostport if storage else s3.hostport}",
-        UPLOAD_BACKOFF=args.backoff,
-        UPLOAD_TIMEOUT_S=args.upload_timeout,
-        THREADS=str(args.clients + 8),
-        MAX_IN_FLIGHT=str(args.clients),
+    settings = {
+        "UPLOAD_BACKOFF": args.backoff,
+        "UPLOAD_TIMEOUT_S": args.upload_timeout,
+        "THREADS": str(args.clients + 8),
+        "MAX_IN_FLIGHT": str(args.clients),
         # 32 clients keep Triton's queue full: on 2 CPU cores a request can wait there longer
         # than the model's 60 s default. This run is about storage faults, so the queue may hold
         # a request almost to the 120 s deadline (the queue timeout has its own test).
-        TRITON_QUEUE_TIMEOUT_S="100",
-        LOG_LEVEL="WARNING",
-    )
-    presign, get_object = presigner(s3, storage), object_reader(s3)
+        "TRITON_QUEUE_TIMEOUT_S": "100",
+        "LOG_LEVEL": "WARNING",
+    }
+    group = None
+    if args.replicas > 1:
+        group = ReplicaGroup.launch(args.replicas, workdir, addressing=args.addressing)
+        settings["TRITON_URL"] = group.target
+        print(f"{args.replicas} replicas behind {group.target}", flush=True)
     extra: list[str] = []
     try:
-        with gateway:
+        stack = LocalStack(
+            workdir,
+            triton=group.replicas[0] if group else None,
+            front=(
+                (lambda upstream: FlakyStorage(upstream, seed=args.seed))
+                if args.storage_faults == "on"
+                else None
+            ),
+            # Only the run's settings: a developer's GATEWAY_* (API keys, say) would change it.
+            environ={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+            gateway_settings=settings,
+        )
+        storage = stack.front if isinstance(stack.front, FlakyStorage) else None
+        with stack:
+            s3, gateway = stack.bucket(), stack.gateway
+            presign, get_object = presigner(s3, storage), object_reader(s3)
             pid = gateway.worker_pids()
             drive(gateway.url, presign, clients=args.clients, requests=1, run_id="warmup")
             if storage:
@@ -411,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                     wait_until(
                         lambda: answered(outcomes) >= args.restart_triton_after, 3600, "answers"
                     )
-                    print(f"Triton crashed and back after {crash_and_restart(triton).down_s:.1f}s",
-                          flush=True)
-                if args.stop_replica:
+                    down_s = crash_and_restart(stack.triton).down_s
+                    print(f"Triton crashed and back after {down_s:.1f}s", flush=True)
+                if group and args.stop_replica:
                     wait_until(lambda: answered(outcomes) >= stop_after, 3600, "answers")
                     extra.append(stop_replica(group, args.stop_replica, answered(outcomes)))
                     print(extra[-1], flush=True)
@@ -427,12 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             if gateway.worker_pids() != pid:
                 found.append("the gateway's worker was restarted")
     finally:
-        if storage:
-            storage.stop()
-        moto.stop()
-        group.stop()
+        if group:
+            group.stop()
     print("\n".join(report.lines()))
-    if args.replicas > 1:
+    if group:
         print(f"replicas: {args.replicas} ({args.addressing}), Triton calls of the run:")
         print("\n".join(extra))
         addresses = [group.address(i) for i in range(args.replicas)]

@@ -3,15 +3,15 @@ recording rule of deploy/prometheus/rules/autoscaling.yml, and is asked the quer
 prometheus-adapter sends for the Triton HPA, while clients drive the diffusion model past what
 one instance can serve, then stop.
 
-    python -m tests.deploy.scaling_signal               # the shipped rule as is (1 minute windows)
-    python -m tests.deploy.scaling_signal --window 10s --scrape-interval 1s --load-s 30
+    python -m harness.scaling_signal               # the shipped rule as is (1 minute windows)
+    python -m harness.scaling_signal --window 10s --scrape-interval 1s --load-s 30
 
 Only the Kubernetes API is missing here, so the Prometheus config is deploy/prometheus/kubernetes.yml's
 triton job with its `kubernetes_sd_configs` replaced by a file of targets that carry the labels
 Prometheus's endpointslice role gives an EndpointSlice endpoint of the headless Service (one ready
 pod: the running Triton; one not ready: it must not be scraped). The job's own relabelling then
 turns them into the `namespace` and `pod` labels that the adapter's query selects on.
-Tests: tests/deploy/test_scaling_signal.py runs a short version in `make test`.
+tests/deploy/test_scaling_signal.py runs a short version in `make test`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,16 @@ from typing import Any
 
 import tritonclient.grpc as grpcclient
 import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from embedded.process import ManagedProcess, free_port
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer
+from embedded.triton import PROJECT_ROOT as ROOT
+from gateway.triton.contract import Generation, Model
+from harness.tools import MissingTool, system_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 KUBERNETES_DIR = ROOT / "deploy" / "kubernetes"
 RULES = PROMETHEUS_DIR / "rules" / "autoscaling.yml"
@@ -54,10 +58,9 @@ def saturating_clients() -> int:
     """Callers that keep two passes waiting behind the running one: diffusion batches up to its
     max_batch_size same-shape requests into one pass, so fewer callers than that never queue
     (they all ride in each pass) and the ratio would say, rightly, that nothing waits."""
-    from gateway.triton.contract import Model
-    from tests.models.helpers import model_config
-
-    return 3 * max(1, model_config(Model.DIFFUSION.value).max_batch_size)
+    text = (DEFAULT_REPOSITORY / Model.DIFFUSION.value / "config.pbtxt").read_text()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    return 3 * max(1, config.max_batch_size)
 
 
 def quantity(value: str | float) -> float:
@@ -206,16 +209,15 @@ class Load:
         self._threads: list[threading.Thread] = []
 
     def _client(self, index: int) -> None:
-        from tests.models.helpers import generation, tensors
-
         client = grpcclient.InferenceServerClient(self.grpc_url)
-        inputs = tensors(
-            **generation(width=self.size, height=self.size, steps=self.steps, seed=index)
-        )
+        inputs = Generation(
+            prompt="a lighthouse at dusk", width=self.size, height=self.size, steps=self.steps,
+            seed=index,
+        ).inputs()
         try:
             while not self._stop.is_set():
                 try:
-                    client.infer("txt2img", inputs, client_timeout=120)
+                    client.infer(Model.TXT2IMG.value, inputs, client_timeout=120)
                 except InferenceServerException as exc:
                     with self._lock:
                         self.errors.append(str(exc))
@@ -374,7 +376,6 @@ def summary(result: Measurement) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from embedded.triton import DEFAULT_REPOSITORY, TritonServer
     from export.demo_models import build
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -389,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="denoising steps")
     args = parser.parse_args(argv)
 
-    binary = shutil.which("prometheus")
-    if binary is None:
-        parser.error("`prometheus` is not installed (Debian package prometheus; make tools)")
+    try:
+        binary = system_tool("prometheus")
+    except MissingTool as missing:
+        parser.error(str(missing))
     build()
     with tempfile.TemporaryDirectory(prefix="scaling-signal-") as tmp:
         workdir = Path(tmp)

@@ -1,7 +1,7 @@
 """Several embedded Tritons behind one name, for the load run and the replica tests.
 
 Hosts: replica i listens on 127.0.0.(i+2), every one on the same three ports, and a DNS server
-on loopback (tests/dnsserver.py) answers the name with their addresses: what a Kubernetes
+on loopback (harness/dnsserver.py) answers the name with their addresses: what a Kubernetes
 headless Service or a compose service name gives a gateway. Ports: every replica on 127.0.0.1
 with ports of its own, named by a fixed `ipv4:` list (a DNS answer has no ports).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from embedded.process import free_port
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
-from tests.dnsserver import LoopbackDns
+from harness.dnsserver import LoopbackDns
 
 SHM = Path("/dev/shm")
 NAME = "triton.test"

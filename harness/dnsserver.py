@@ -1,4 +1,4 @@
-"""A DNS server on loopback whose answers a test sets: the name several Triton replicas hide
+"""A DNS server on loopback whose answers its owner sets: the name several Triton replicas hide
 behind, as a Kubernetes headless Service or a compose service name is.
 
     dns = LoopbackDns().start()
