@@ -18,46 +18,18 @@ import urllib3
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException
 
 from embedded.process import free_port
 from gateway import Settings
 from gateway.errors import GatewayError, InvalidRequest, Overloaded, Unavailable, UpstreamError
 from gateway.metrics import MAX_TRITON_ADDRESSES, NULL_METRICS, OTHER_ADDRESS, Metrics, Recorder
-from gateway.triton import TritonGateway, failures
+from gateway.triton import TritonGateway
 from gateway.triton.replicas import NoReplica, ReplicaSet
 from gateway.triton.target import parse_target
-from gateway.vocabulary import FailoverReason, TritonOutcome
+from gateway.vocabulary import TritonOutcome
 from harness.dnsserver import LoopbackDns
 from harness.load import wait_until
-
-STOPPING = "in ensemble 'txt2img', [request id: <id_unknown>] Server is stopping, scheduler for model has stopped accepting new inference requests"
-UNLOADED = "Request for unknown model: 'txt2img' has no available versions"
-REFUSED = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.2:8001: Failed to connect to remote host: Connection refused"
-GOAWAY = "Stream removed (Socket closed (GOAWAY received; Error code: 0; Debug Text: ))"
-
-
-@pytest.mark.parametrize(
-    ("status", "message", "reason"),
-    [
-        ("StatusCode.UNAVAILABLE", REFUSED, FailoverReason.UNREACHABLE),
-        ("StatusCode.UNAVAILABLE", "Socket closed", FailoverReason.UNREACHABLE),
-        ("StatusCode.UNAVAILABLE", GOAWAY, FailoverReason.UNREACHABLE),
-        ("StatusCode.UNAVAILABLE", STOPPING, FailoverReason.STOPPING),
-        ("StatusCode.UNAVAILABLE", "Server exiting", FailoverReason.STOPPING),
-        ("StatusCode.NOT_FOUND", UNLOADED, FailoverReason.STOPPING),
-        # Never: the queue (load, not a lost replica), the model, the deadline.
-        ("StatusCode.UNAVAILABLE", "in ensemble 'txt2img', [request id: <id_unknown>] Exceeds maximum queue size", None),
-        ("StatusCode.UNAVAILABLE", "in ensemble 'txt2img', Request timeout expired", None),
-        ("StatusCode.RESOURCE_EXHAUSTED", "queue full", None),
-        ("StatusCode.INVALID_ARGUMENT", "in ensemble 'txt2img', WIDTH must be a multiple of 8 in 64..2048, got 60", None),
-        ("StatusCode.INTERNAL", "generation failed: boom", None),
-        ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", None),
-        ("StatusCode.CANCELLED", "generation timeout after 3 of 100 steps", None),
-    ],
-)
-def test_which_failures_are_retried(status: str, message: str, reason: FailoverReason | None) -> None:
-    assert failures.classify(InferenceServerException(message, status=status)).failover is reason
+from tests.gateway.triton.test_failures import STOPPING, UNLOADED
 
 
 class Scripted(service_pb2_grpc.GRPCInferenceServiceServicer):
