@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from imagegen_contract import DEMO_MARKER
 
 from export.quiet import no_console_output, quiet_libraries, quiet_root_logger
 
@@ -43,7 +44,6 @@ log = logging.getLogger("export.nsfw")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = PROJECT_ROOT / "model_repository" / "nsfw" / "1"
-DEMO_MARKER = "imagegen_demo.json"
 OPSET = 17
 FP32_TOLERANCE = 1e-4
 # A faster variant is served by default only within this much of the reference score.

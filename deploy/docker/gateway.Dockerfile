@@ -7,6 +7,8 @@ RUN python -m pip install --no-cache-dir -r /tmp/requirements.txt \
  && useradd --system --no-create-home --shell /usr/sbin/nologin gateway
 
 COPY gateway /app/gateway
+# The models' half of the tensor contract (gateway/triton/contract.py takes its names from it).
+COPY imagegen_contract.py /app/
 WORKDIR /app
 ENV PYTHONPATH=/app PYTHONUNBUFFERED=1 \
     GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8080

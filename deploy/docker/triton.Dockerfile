@@ -14,6 +14,11 @@ RUN python3 -m pip install --no-cache-dir --index-url https://download.pytorch.o
         "onnxruntime-gpu>=1.18" "openvino>=2025.4,<2027" "pillow>=10"
 
 COPY deploy/docker/set_instances.py deploy/docker/triton-entrypoint.sh embedded/drain.py /opt/imagegen/
+# The models' half of the tensor contract, which every model imports: beside the packages
+# installed above, where the backend stub's python3 finds it whatever repository is mounted (the
+# serving copy holds only the model folders). The build stops if python3 does not find it there.
+COPY imagegen_contract.py /usr/local/lib/python3.10/dist-packages/
+RUN python3 -c "import imagegen_contract"
 # The repository is mounted at /models (docker-compose.yml); this copy serves when it is not.
 COPY model_repository /models
 ENTRYPOINT ["/opt/imagegen/triton-entrypoint.sh"]

@@ -329,7 +329,7 @@ class TritonGateway:
             raise ValueError(f"HTTP {response.status}")
         loaded: dict[str, dict[str, str]] = {}
         for family in text_string_to_metric_families(response.data.decode("utf-8", "replace")):
-            if family.name != "imagegen_model_info":
+            if family.name != contract.MODEL_INFO:
                 continue
             for sample in family.samples:
                 labels = dict(sample.labels)

@@ -1,8 +1,10 @@
 """The Triton tensor contract: model names, tensor names and datatypes, "not given" sentinels.
 
 Everything that talks to the imagegen models (the gateway, the benchmarks, the tests) builds its
-requests and reads its answers through this module; the models declare the same contract in
-their `config.pbtxt`, and tests/models/test_contract.py checks that the two agree.
+requests and reads its answers through this module. The names and values come from the models'
+own half of the contract (imagegen_contract.py), which the models import too;
+the models declare the same tensors in their `config.pbtxt`, and tests/models/test_contract.py
+checks that the three agree.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+import imagegen_contract
 
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
@@ -47,49 +51,37 @@ class Tensor:
         return item
 
 
-PROMPT = Tensor("PROMPT", "BYTES")  # UTF-8
-NEGATIVE_PROMPT = Tensor("NEGATIVE_PROMPT", "BYTES")
-WIDTH = Tensor("WIDTH", "INT32")
-HEIGHT = Tensor("HEIGHT", "INT32")
-STEPS = Tensor("STEPS", "INT32")
-SEED = Tensor("SEED", "INT64")
-GUIDANCE_SCALE = Tensor("GUIDANCE_SCALE", "FP32")
-SCALE = Tensor("SCALE", "INT32")  # the upscaler's factor: 1 (pass-through) or 2
-IMAGE = Tensor("IMAGE", "UINT8")  # [batch, height, width, 3] RGB
-NSFW_SCORE = Tensor("NSFW_SCORE", "FP32")
-NSFW_STATUS = Tensor("NSFW_STATUS", "BYTES")
+PROMPT = Tensor(*imagegen_contract.PROMPT)  # UTF-8
+NEGATIVE_PROMPT = Tensor(*imagegen_contract.NEGATIVE_PROMPT)
+WIDTH = Tensor(*imagegen_contract.WIDTH)
+HEIGHT = Tensor(*imagegen_contract.HEIGHT)
+STEPS = Tensor(*imagegen_contract.STEPS)
+SEED = Tensor(*imagegen_contract.SEED)
+GUIDANCE_SCALE = Tensor(*imagegen_contract.GUIDANCE_SCALE)
+SCALE = Tensor(*imagegen_contract.SCALE)  # the upscaler's factor: NO_UPSCALE or UPSCALE_FACTOR
+IMAGE = Tensor(*imagegen_contract.IMAGE)  # [batch, height, width, 3] RGB
+NSFW_SCORE = Tensor(*imagegen_contract.NSFW_SCORE)
+NSFW_STATUS = Tensor(*imagegen_contract.NSFW_STATUS)
 
-# Ensembles cannot have optional inputs, so these values stand for "not given" there; on
-# `diffusion` alone the three inputs may also be left out.
-NO_NEGATIVE_PROMPT = ""
-RANDOM_SEED = -1
-MODEL_DEFAULT_GUIDANCE = -1.0  # any negative value: the model's default_guidance_scale
+# "Not given" on the ensembles (they cannot have optional inputs); on `diffusion` alone the
+# three inputs may also be left out.
+NO_NEGATIVE_PROMPT = imagegen_contract.NO_NEGATIVE_PROMPT
+RANDOM_SEED = imagegen_contract.RANDOM_SEED
+MODEL_DEFAULT_GUIDANCE = imagegen_contract.MODEL_DEFAULT_GUIDANCE  # default_guidance_scale
 
-# A request parameter the diffusion model reads: Triton 2.51 does not pass a gRPC deadline on to
-# the first model of an ensemble, but it passes request parameters.
-TIMEOUT_MS = "timeout_ms"
+# The request parameter that bounds a generation in the diffusion model (milliseconds).
+TIMEOUT_MS = imagegen_contract.TIMEOUT_MS
 
-UPSCALE_FACTOR = 2
+NO_UPSCALE = imagegen_contract.NO_UPSCALE
+UPSCALE_FACTOR = imagegen_contract.UPSCALE_FACTOR
 
+NsfwStatus = imagegen_contract.NsfwStatus
+FAIL_SAFE_SCORE = imagegen_contract.FAIL_SAFE_SCORE
 
-class NsfwStatus(str, enum.Enum):
-    """What the classifier said of its own run (NSFW_STATUS); anything but OK scores 1.0."""
+DiffusionParameter = imagegen_contract.DiffusionParameter
 
-    OK = "ok"
-    TIMEOUT = "timeout"
-    ERROR = "error"
-
-
-FAIL_SAFE_SCORE = 1.0
-
-
-class DiffusionParameter(str, enum.Enum):
-    """The diffusion model's limits, as `parameters` keys of its config.pbtxt."""
-
-    MIN_SIZE = "min_size"
-    MAX_SIZE = "max_size"
-    MAX_STEPS = "max_steps"
-    MAX_GUIDANCE_SCALE = "max_guidance_scale"
+# The gauge each model reports what it serves with, on Triton's /metrics.
+MODEL_INFO = imagegen_contract.MODEL_INFO
 
 
 @dataclass(frozen=True)
@@ -103,7 +95,7 @@ class Generation:
     negative_prompt: str = NO_NEGATIVE_PROMPT
     seed: int | None = None
     guidance_scale: float | None = None
-    scale: int = 1
+    scale: int = NO_UPSCALE
 
     @property
     def image_shape(self) -> tuple[int, int, int, int]:

@@ -21,7 +21,27 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-DEMO_MARKER = "imagegen_demo.json"
+from imagegen_contract import (
+    DEFAULT_GUIDANCE_PARAMETER,
+    DEMO_MARKER,
+    GUIDANCE_SCALE,
+    HEIGHT,
+    IMAGE,
+    MODEL_DEFAULT_GUIDANCE,
+    NEGATIVE_PROMPT,
+    NO_NEGATIVE_PROMPT,
+    PROMPT,
+    RANDOM_SEED,
+    SEED,
+    STEPS,
+    TIMEOUT_MS,
+    WIDTH,
+    DiffusionParameter,
+    ModelInfo,
+    ModelStatus,
+    demo_label,
+    parameter,
+)
 
 
 class InvalidInput(ValueError):
@@ -58,17 +78,20 @@ class Job:
 
 class TritonPythonModel:
     def initialize(self, args):
-        import torch
-        from diffusers import AutoPipelineForText2Image
-
         self.logger = pb_utils.Logger
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.min_size = int(params.get("min_size", "64"))
-        self.max_size = int(params.get("max_size", "2048"))
-        self.max_steps = int(params.get("max_steps", "100"))
-        self.max_guidance = float(params.get("max_guidance_scale", "30"))
-        self.default_guidance = float(params.get("default_guidance_scale", "7.5"))
+        # The limits are config.pbtxt's alone (the gateway reads them there too): a config
+        # without one fails the load here, before the pipeline is read.
+        self.min_size = int(parameter(config, DiffusionParameter.MIN_SIZE))
+        self.max_size = int(parameter(config, DiffusionParameter.MAX_SIZE))
+        self.max_steps = int(parameter(config, DiffusionParameter.MAX_STEPS))
+        self.max_guidance = float(parameter(config, DiffusionParameter.MAX_GUIDANCE_SCALE))
+        self.default_guidance = float(parameter(config, DEFAULT_GUIDANCE_PARAMETER))
+
+        import torch
+        from diffusers import AutoPipelineForText2Image
+
         # Largest width x height x images of one pipeline call (0: no bound): a larger group of
         # requests runs as several passes, so a batch of big images cannot exhaust the memory.
         self.max_batch_pixels = int(params.get("max_batch_pixels", "0"))
@@ -96,21 +119,14 @@ class TritonPythonModel:
         )
         demo = (local / DEMO_MARKER).exists()
 
-        self.info_family = pb_utils.MetricFamily(
-            name="imagegen_model_info",
-            description="Which weights each imagegen model serves (demo=true: random weights)",
-            kind=pb_utils.MetricFamily.GAUGE,
+        self.info = ModelInfo(
+            pb_utils,
+            model=args["model_name"],
+            kind=type(self.pipe).__name__,
+            source=source,
+            demo=demo_label(demo),
+            status=ModelStatus.OK.value,
         )
-        self.info = self.info_family.Metric(
-            labels={
-                "model": args["model_name"],
-                "kind": type(self.pipe).__name__,
-                "source": source,
-                "demo": "true" if demo else "false",
-                "status": "ok",
-            }
-        )
-        self.info.set(1)
         self.steps_family = pb_utils.MetricFamily(
             name="imagegen_diffusion_steps_total",
             description="Denoising steps run, per image (a pass of n images adds n a step)",
@@ -181,33 +197,41 @@ class TritonPythonModel:
             except UnicodeDecodeError:
                 raise InvalidInput(f"{name} must be UTF-8") from None
 
-        prompt = text("PROMPT")
-        negative = text("NEGATIVE_PROMPT", required=False) or None
-        width, height = int(scalar("WIDTH")), int(scalar("HEIGHT"))
-        for name, size in (("WIDTH", width), ("HEIGHT", height)):
+        prompt = text(PROMPT.name)
+        negative = text(NEGATIVE_PROMPT.name, required=False)
+        if negative == NO_NEGATIVE_PROMPT:
+            negative = None
+        width, height = int(scalar(WIDTH.name)), int(scalar(HEIGHT.name))
+        for name, size in ((WIDTH.name, width), (HEIGHT.name, height)):
             if not self.min_size <= size <= self.max_size or size % 8:
                 raise InvalidInput(
                     f"{name} must be a multiple of 8 in {self.min_size}..{self.max_size}, got {size}"
                 )
-        steps = int(scalar("STEPS"))
+        steps = int(scalar(STEPS.name))
         if not 1 <= steps <= self.max_steps:
-            raise InvalidInput(f"STEPS must be in 1..{self.max_steps}, got {steps}")
-        seed = scalar("SEED", required=False)
-        seed = -1 if seed is None else int(seed)
-        if seed < -1:
-            raise InvalidInput(f"SEED must be -1 (random) or a non-negative integer, got {seed}")
-        if seed == -1:
+            raise InvalidInput(f"{STEPS.name} must be in 1..{self.max_steps}, got {steps}")
+        seed = scalar(SEED.name, required=False)
+        seed = RANDOM_SEED if seed is None else int(seed)
+        if seed < RANDOM_SEED:
+            raise InvalidInput(
+                f"{SEED.name} must be {RANDOM_SEED} (random) or a non-negative integer, got {seed}"
+            )
+        if seed == RANDOM_SEED:
             seed = random.SystemRandom().randrange(2**63)
-        guidance = scalar("GUIDANCE_SCALE", required=False)
-        guidance = -1.0 if guidance is None else float(guidance)
-        if math.isnan(guidance) or guidance < 0:
+        guidance = scalar(GUIDANCE_SCALE.name, required=False)
+        guidance = MODEL_DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        if math.isnan(guidance) or guidance < 0:  # MODEL_DEFAULT_GUIDANCE, or any negative value
             guidance = self.default_guidance
         if not guidance <= self.max_guidance:
-            raise InvalidInput(f"GUIDANCE_SCALE must be at most {self.max_guidance}, got {guidance}")
+            raise InvalidInput(
+                f"{GUIDANCE_SCALE.name} must be at most {self.max_guidance}, got {guidance}"
+            )
 
-        timeout_ms = json.loads(request.parameters() or "{}").get("timeout_ms")
+        timeout_ms = json.loads(request.parameters() or "{}").get(TIMEOUT_MS)
         if timeout_ms is not None and (not isinstance(timeout_ms, int) or timeout_ms <= 0):
-            raise InvalidInput(f"parameter timeout_ms must be a positive integer, got {timeout_ms!r}")
+            raise InvalidInput(
+                f"parameter {TIMEOUT_MS} must be a positive integer, got {timeout_ms!r}"
+            )
         return {
             "prompt": prompt,
             "negative_prompt": negative,
@@ -325,7 +349,7 @@ class TritonPythonModel:
         for job, image in zip(live, result.images):
             if not job.answered:
                 pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-                job.answer(pb_utils.InferenceResponse([pb_utils.Tensor("IMAGE", pixels[None])]))
+                job.answer(pb_utils.InferenceResponse([pb_utils.Tensor(IMAGE.name, pixels[None])]))
 
     @staticmethod
     def _error(message, code):

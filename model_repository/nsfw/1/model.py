@@ -13,10 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from imagegen_contract import (
+    FAIL_SAFE_SCORE,
+    IMAGE,
+    NSFW_SCORE,
+    NSFW_STATUS,
+    ModelInfo,
+    ModelStatus,
+    NsfwStatus,
+    demo_label,
+    parameter,
+)
 from preprocess import Preprocessor, softmax
 from runtimes import RuntimeOptions, Timeout, open_runner
 
-FAIL_SAFE_SCORE = 1.0
 REFERENCE_FILE = "model.onnx"
 
 
@@ -25,7 +35,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.budget_s = float(params.get("budget_ms", "5000")) / 1000
+        self.budget_s = float(parameter(config, "budget_ms")) / 1000
         version_dir = Path(args["model_repository"]) / args["model_version"]
         gpu = args["model_instance_kind"] == "GPU"
         path = self._model_path(
@@ -34,16 +44,14 @@ class TritonPythonModel:
 
         self.runner = None
         self.load_error = None
-        info = {"kind": "unknown", "source": str(path), "demo": "unknown", "status": "ok"}
+        kind, source, demo, status = "unknown", str(path), None, ModelStatus.OK
         try:
             spec = json.loads((path.parent / "nsfw.json").read_text())
             variant = spec.get("variants", {}).get(path.name, {})
-            info.update(
-                # nsfw.json before format 2 named only the precision, and only ONNX files.
-                kind=variant.get("kind") or f"onnx-{variant.get('precision', 'unknown')}",
-                source=spec.get("source", str(path)),
-                demo="true" if spec.get("demo") else "false",
-            )
+            # nsfw.json before format 2 named only the precision, and only ONNX files.
+            kind = variant.get("kind") or f"onnx-{variant.get('precision', 'unknown')}"
+            source = spec.get("source", str(path))
+            demo = bool(spec.get("demo"))
             self.preprocess = Preprocessor(spec)
             self.nsfw_index = int(spec["nsfw_index"])
             self.runner = open_runner(
@@ -60,20 +68,17 @@ class TritonPythonModel:
             # so generation and upload go on (the spec) while the metric and log raise the alarm.
             self.runner = None
             self.load_error = f"{type(exc).__name__}: {exc}"
-            info["status"] = "error"
+            status = ModelStatus.ERROR
             self.logger.log_error(f"nsfw: cannot load {path}: {self.load_error}")
 
-        self.info_family = pb_utils.MetricFamily(
-            name="imagegen_model_info",
-            description="Which weights each imagegen model serves (demo=true: random weights)",
-            kind=pb_utils.MetricFamily.GAUGE,
+        self.info = ModelInfo(
+            pb_utils, model=args["model_name"], kind=kind, source=source,
+            demo=demo_label(demo), status=status.value,
         )
-        self.info = self.info_family.Metric(labels={"model": args["model_name"], **info})
-        self.info.set(1)
-        demo_note = " (DEMO: random weights, scores mean nothing)" if info["demo"] == "true" else ""
+        demo_note = " (DEMO: random weights, scores mean nothing)" if demo else ""
         self.logger.log_info(
-            f"nsfw: {info['kind']} from {info['source']} ({path.name}), budget {self.budget_s:g}s, "
-            f"status {info['status']}{demo_note}"
+            f"nsfw: {kind} from {source} ({path.name}), budget {self.budget_s:g}s, "
+            f"status {status.value}{demo_note}"
         )
 
     @staticmethod
@@ -103,11 +108,12 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         images, owners = [], []
         for i, request in enumerate(requests):
-            batch = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+            batch = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
             if batch.ndim != 4 or batch.shape[-1] != 3 or 0 in batch.shape:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(
-                        f"IMAGE must be [batch, height, width, 3] uint8, got {list(batch.shape)}",
+                        f"{IMAGE.name} must be [batch, height, width, 3] uint8, "
+                        f"got {list(batch.shape)}",
                         pb_utils.TritonError.INVALID_ARG,
                     )
                 )
@@ -129,28 +135,31 @@ class TritonPythonModel:
         if count == 0:
             return fail, []
         if self.runner is None:
-            return fail, ["error"] * count
+            return fail, [NsfwStatus.ERROR] * count
         try:
             pixels = self.preprocess(images)
             logits = self.runner(pixels, self.budget_s - (time.monotonic() - started))
         except Timeout:
-            return fail, ["timeout"] * count
+            return fail, [NsfwStatus.TIMEOUT] * count
         except Exception as exc:  # noqa: BLE001 - the fail-safe covers every failure
             self.logger.log_error(f"nsfw: scoring failed: {type(exc).__name__}: {exc}")
-            return fail, ["error"] * count
+            return fail, [NsfwStatus.ERROR] * count
         # A run that finished just past the budget is still too late to be trusted (the spec).
         if time.monotonic() - started > self.budget_s:
-            return fail, ["timeout"] * count
+            return fail, [NsfwStatus.TIMEOUT] * count
         probabilities = softmax(logits.astype(np.float64))[:, self.nsfw_index]
-        return probabilities.astype(np.float32), ["ok"] * count
+        return probabilities.astype(np.float32), [NsfwStatus.OK] * count
 
     @staticmethod
     def _response(scores, statuses):
         return pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor("NSFW_SCORE", np.asarray(scores, dtype=np.float32).reshape(-1, 1)),
                 pb_utils.Tensor(
-                    "NSFW_STATUS", np.array([[s.encode()] for s in statuses], dtype=np.object_)
+                    NSFW_SCORE.name, np.asarray(scores, dtype=np.float32).reshape(-1, 1)
+                ),
+                pb_utils.Tensor(
+                    NSFW_STATUS.name,
+                    np.array([[s.value.encode()] for s in statuses], dtype=np.object_),
                 ),
             ]
         )

@@ -8,7 +8,17 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
-SCALES = (1, 2)
+from imagegen_contract import (
+    IMAGE,
+    NO_UPSCALE,
+    SCALE,
+    SCALES,
+    UPSCALE_FACTOR,
+    ModelInfo,
+    ModelStatus,
+    demo_label,
+    parameter,
+)
 
 
 class InvalidInput(ValueError):
@@ -20,7 +30,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.max_output_pixels = int(params.get("max_output_pixels", str(4096 * 4096)))
+        self.max_output_pixels = int(parameter(config, "max_output_pixels"))
         weights = os.environ.get("IMAGEGEN_UPSCALER_WEIGHTS") or params.get("weights", "")
         self.net = None
         kind, source = "lanczos", ""
@@ -34,15 +44,10 @@ class TritonPythonModel:
             kind = f"spandrel-{self.net.architecture.id}-x{self.net.scale}"
             source = str(path)
 
-        self.info_family = pb_utils.MetricFamily(
-            name="imagegen_model_info",
-            description="Which weights each imagegen model serves (demo=true: random weights)",
-            kind=pb_utils.MetricFamily.GAUGE,
+        self.info = ModelInfo(
+            pb_utils, model=args["model_name"], kind=kind, source=source,
+            demo=demo_label(False), status=ModelStatus.OK.value,
         )
-        self.info = self.info_family.Metric(
-            labels={"model": args["model_name"], "kind": kind, "source": source, "demo": "false", "status": "ok"}
-        )
-        self.info.set(1)
         self.logger.log_info(f"upscaler: {kind}" + (f" from {source}" if source else ""))
 
     def _load(self, path):
@@ -61,7 +66,9 @@ class TritonPythonModel:
             try:
                 images, scales = self._inputs(request)
                 out = [self._upscale(image, scale) for image, scale in zip(images, scales)]
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("IMAGE", np.stack(out))]))
+                responses.append(
+                    pb_utils.InferenceResponse([pb_utils.Tensor(IMAGE.name, np.stack(out))])
+                )
             except InvalidInput as exc:
                 responses.append(
                     pb_utils.InferenceResponse(
@@ -78,29 +85,33 @@ class TritonPythonModel:
         return responses
 
     def _inputs(self, request):
-        images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-        scales = pb_utils.get_input_tensor_by_name(request, "SCALE").as_numpy().reshape(-1)
+        images = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
+        scales = pb_utils.get_input_tensor_by_name(request, SCALE.name).as_numpy().reshape(-1)
         if images.ndim != 4 or 0 in images.shape:
-            raise InvalidInput(f"IMAGE must be [batch, height, width, 3], got {list(images.shape)}")
+            raise InvalidInput(
+                f"{IMAGE.name} must be [batch, height, width, 3], got {list(images.shape)}"
+            )
         if len(scales) != len(images):
-            raise InvalidInput(f"SCALE needs one value per image, got {len(scales)} for {len(images)}")
+            raise InvalidInput(
+                f"{SCALE.name} needs one value per image, got {len(scales)} for {len(images)}"
+            )
         for scale in scales:
             if int(scale) not in SCALES:
-                raise InvalidInput(f"SCALE must be 1 or 2, got {int(scale)}")
+                allowed = " or ".join(str(s) for s in SCALES)
+                raise InvalidInput(f"{SCALE.name} must be {allowed}, got {int(scale)}")
         height, width = images.shape[1:3]
         if int(scales.max()) ** 2 * height * width > self.max_output_pixels:
             raise InvalidInput(f"output would exceed {self.max_output_pixels} pixels")
         return images, [int(s) for s in scales]
 
     def _upscale(self, image, scale):
-        if scale == 1:
+        if scale == NO_UPSCALE:
             return image
-        height, width = image.shape[:2]
-        if self.net is None:
-            return np.asarray(Image.fromarray(image).resize((width * 2, height * 2), Image.LANCZOS))
-        out = self._learned(image)
-        if out.shape[:2] != (height * 2, width * 2):
-            out = np.asarray(Image.fromarray(out).resize((width * 2, height * 2), Image.LANCZOS))
+        height, width = (n * UPSCALE_FACTOR for n in image.shape[:2])
+        # Lanczos alone, or after a learned model of another native scale.
+        out = image if self.net is None else self._learned(image)
+        if out.shape[:2] != (height, width):
+            out = np.asarray(Image.fromarray(out).resize((width, height), Image.LANCZOS))
         return out
 
     def _learned(self, image):
