@@ -10,7 +10,7 @@ import pytest
 from gateway import Settings
 from gateway.limits import GenerationLimits, LimitsSource
 from gateway.triton.contract import ModelLimits
-from tests.models.helpers import executions
+from tests.models.helpers import executions, model_limits
 
 BODY = {"prompt": "p", "width": 64, "height": 64, "upscale": False, "response_format": "b64_json",
         "enable_nsfw_check": False}
@@ -26,22 +26,29 @@ def test_a_larger_gateway_limit_gives_way_to_the_models(
 ) -> None:
     import tritonclient.grpc as grpcclient
 
+    model = model_limits()  # the diffusion model's config.pbtxt, the only place they are written
     app = make_app(triton_settings.replace(max_steps=500, max_guidance_scale=100.0))
     client = app.test_client()
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.json
     limits = ready.json["limits"]
-    assert (limits["max_steps"], limits["max_guidance_scale"]) == (100, 30.0)  # the model's
-    assert "GATEWAY_MAX_STEPS is 500, the model's max_steps is 100" in limits["adopted"]
-    assert steps_schema(client.get("/openapi.json").json)["maximum"] == 100
+    assert (limits["max_steps"], limits["max_guidance_scale"]) == (
+        model.max_steps, model.max_guidance_scale
+    )
+    assert (
+        f"GATEWAY_MAX_STEPS is 500, the model's max_steps is {model.max_steps}" in limits["adopted"]
+    )
+    assert steps_schema(client.get("/openapi.json").json)["maximum"] == model.max_steps
 
     triton_client = grpcclient.InferenceServerClient(triton.grpc_url)
     before = executions(triton_client, "diffusion")
-    refused = client.post("/generate", json={**BODY, "num_inference_steps": 150})
+    refused = client.post("/generate", json={**BODY, "num_inference_steps": model.max_steps + 1})
     assert refused.status_code == 400
     assert refused.json["error"]["field"] == "num_inference_steps"
-    assert "between 1 and 100" in refused.json["error"]["message"]  # not "the model refused"
-    refused = client.post("/generate", json={**BODY, "guidance_scale": 50})
+    # Not "the model refused": the gateway's own message, with the model's limit.
+    assert f"between 1 and {model.max_steps}" in refused.json["error"]["message"]
+    too_much = model.max_guidance_scale + 1
+    refused = client.post("/generate", json={**BODY, "guidance_scale": too_much})
     assert refused.json["error"]["field"] == "guidance_scale"
     assert executions(triton_client, "diffusion") == before  # nothing reached the model
 

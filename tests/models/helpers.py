@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from embedded.triton import DEFAULT_REPOSITORY
@@ -27,6 +27,12 @@ def model_config(model: str) -> model_config_pb2.ModelConfig:
     """The real repository's config.pbtxt of `model`, parsed."""
     text = (DEFAULT_REPOSITORY / model / "config.pbtxt").read_text()
     return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def model_limits(model: str = contract.Model.DIFFUSION.value) -> contract.ModelLimits:
+    """The limits `model`'s config.pbtxt declares, read as the gateway reads them from Triton."""
+    config = json_format.MessageToDict(model_config(model), preserving_proto_field_name=True)
+    return contract.ModelLimits.from_config(config)
 
 
 def tensors(**values: Any) -> list[grpcclient.InferInput]:

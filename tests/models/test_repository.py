@@ -5,6 +5,7 @@ from __future__ import annotations
 import tritonclient.grpc as grpcclient
 
 from embedded.triton import TritonServer
+from gateway.triton import contract
 from tests.models.helpers import metric
 
 MODELS = ["diffusion", "upscaler", "nsfw", "txt2img", "txt2img_nsfw"]
@@ -19,7 +20,7 @@ def test_every_model_and_ensemble_is_ready(triton: TritonServer) -> None:
 
 
 def test_models_report_their_weights_and_demo_status(triton: TritonServer) -> None:
-    info = "imagegen_model_info"
+    info = contract.MODEL_INFO
     assert metric(triton.metrics_url, info, model="diffusion", demo="true", status="ok") == 1
     assert metric(triton.metrics_url, info, model="nsfw", kind="onnx-fp32", demo="true") == 1
     assert metric(triton.metrics_url, info, model="upscaler", kind="lanczos", demo="false") == 1
