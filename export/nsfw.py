@@ -36,9 +36,9 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from imagegen_contract import DEMO_MARKER
 
 from export.quiet import no_console_output, quiet_libraries, quiet_root_logger
+from imagegen_contract import DEMO_MARKER
 
 log = logging.getLogger("export.nsfw")
 

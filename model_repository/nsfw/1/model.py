@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from preprocess import Preprocessor, softmax
+from runtimes import RuntimeOptions, Timeout, open_runner
+
 from imagegen_contract import (
     FAIL_SAFE_SCORE,
     IMAGE,
@@ -24,8 +27,6 @@ from imagegen_contract import (
     demo_label,
     parameter,
 )
-from preprocess import Preprocessor, softmax
-from runtimes import RuntimeOptions, Timeout, open_runner
 
 REFERENCE_FILE = "model.onnx"
 
