@@ -353,7 +353,7 @@ REFERENCE = Variant(
     build=None,
 )
 # The order `model_file: auto` prefers among the variants whose parity holds: fastest first,
-# as benchmarks.nsfw measured them side by side inside Triton (see README, Benchmarks).
+# as benchmarks.nsfw measured them side by side inside Triton (docs/benchmarks.md).
 VARIANTS = (
     Variant(
         kind="openvino-int8",

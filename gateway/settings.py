@@ -135,7 +135,7 @@ def parse_api_keys(raw: str) -> tuple[str, ...]:
 def _setting(
     env: str, parse: Callable[[str], Any], doc: str, *, secret: bool = False, **kwargs: Any
 ) -> Any:
-    """A dataclass field that knows its environment variable, parser and README line.
+    """A dataclass field that knows its environment variable, parser and docs line.
 
     A secret is left out of the repr and never echoed in a settings error.
     """
@@ -495,7 +495,7 @@ def _target_problem(url: str) -> str | None:
 
 
 def settings_table() -> list[tuple[str, str, str]]:
-    """(variable, default, meaning) for every setting, for the README and `--help` output."""
+    """(variable, default, meaning) for every setting: the docs' settings page, `--help`."""
     rows = []
     for f in dataclasses.fields(Settings):
         default = f.default

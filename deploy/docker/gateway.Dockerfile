@@ -1,4 +1,4 @@
-# The gateway: Flask under gunicorn, configured only by GATEWAY_* variables (README, Settings).
+# The gateway: Flask under gunicorn, configured only by GATEWAY_* variables (docs/settings.md).
 # Build context: the repository root (docker-compose.yml sets it).
 FROM python:3.11-slim
 

@@ -1,5 +1,5 @@
 """Limits from one source: the gateway reads the generation model's limits from Triton and
-validates with the tighter of its setting and the model's (README, "Limits and back-pressure")."""
+validates with the tighter of its setting and the model's (docs/security.md, "Limits from the model")."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def test_settings_are_frozen() -> None:
         Settings().port = 1  # type: ignore[misc]
 
 
-def test_the_readme_table_covers_every_setting() -> None:
+def test_the_settings_table_covers_every_setting() -> None:
     rows = settings_table()
     assert len(rows) == len(dataclasses.fields(Settings))
     names = {name for name, _, _ in rows}

@@ -2,7 +2,7 @@
 on. Every generated request, valid or not, must get a documented status and a body that matches
 the schema, and no server error other than the documented upstream ones (502/503/504).
 
-A bounded run here; the long one (documented in the README):
+A bounded run here; the long one (docs/security.md, "Fuzzing"):
     FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/gateway/test_views/test_fuzz.py -p no:cacheprovider
 """
 
