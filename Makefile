@@ -50,6 +50,7 @@ bench: models
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # The documentation site (docs/, mkdocs.yml) on http://127.0.0.1:8010, rebuilt on every save.
 docs: $(STAMP)
