@@ -30,8 +30,14 @@ DOCKER_DIR = ROOT / "deploy" / "docker"
 # The oldest Kubernetes these manifests support (the preStop `sleep` action is on by default
 # from 1.30) and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
-# The shapes, and the one-off weights loader: every kustomization that is applied.
-KUSTOMIZATIONS = ("overlays/gpu", "overlays/cpu", "weights-loader")
+# The shapes, and the one-off weights loader and fill Job: every kustomization that is applied.
+KUSTOMIZATIONS = ("overlays/gpu", "overlays/cpu", "weights-loader", "weights-fill")
+# Kustomize components an operator's overlay adds to a shape (tests/deploy renders each so).
+COMPONENTS = (
+    "components/gpu-nodes",
+    "components/prometheus-operator",
+    "components/weights-snapshot",
+)
 
 
 class RenderError(RuntimeError):

@@ -31,7 +31,7 @@ def test_every_kustomization_is_rendered_and_tested() -> None:
         str(path.parent.relative_to(kube.KUBERNETES_DIR))
         for path in kube.KUBERNETES_DIR.rglob("kustomization.yaml")
     }
-    assert found - {"base"} == set(kube.KUSTOMIZATIONS)
+    assert found - {"base"} == set(kube.KUSTOMIZATIONS) | set(kube.COMPONENTS)
     assert set(SHAPES) <= found
 
 
@@ -59,6 +59,7 @@ def test_each_shape_deploys_the_whole_service(
             "PersistentVolumeClaim/imagegen-weights",
             "PodDisruptionBudget/imagegen-gateway",
             "PodDisruptionBudget/imagegen-triton",
+            "PriorityClass/imagegen-serving",
             "Service/imagegen-gateway",
             "Service/imagegen-triton",
             "ServiceAccount/imagegen-gateway",
@@ -66,7 +67,7 @@ def test_each_shape_deploys_the_whole_service(
         ]
     )
     for doc in docs:
-        if doc["kind"] != "Namespace":
+        if doc["kind"] not in ("Namespace", "PriorityClass"):  # cluster-scoped
             assert doc["metadata"]["namespace"] == "imagegen", doc["metadata"]["name"]
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "imagegen"
     for deployment in rendered[name].objects("Deployment"):
