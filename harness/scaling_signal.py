@@ -77,7 +77,10 @@ def hpa_target() -> float:
 
 
 def adapter_rule() -> dict[str, Any]:
-    [rule] = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    """The adapter rule that serves the Triton HPA's metric (the gateways' is another)."""
+    [metric] = yaml.safe_load(TRITON_HPA.read_text())["spec"]["metrics"]
+    served = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    [rule] = [r for r in served if r["name"]["as"] == metric["pods"]["metric"]["name"]]
     return rule
 
 
