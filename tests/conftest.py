@@ -13,7 +13,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.demo_models import DEMO_DIR, build
-from tests.models.helpers import failing_nsfw_repository
+from tests.models.helpers import HOLD_ENV, failing_nsfw_repository
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,11 @@ def demo_models() -> Path:
 
 @pytest.fixture(scope="session")
 def triton(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    server = TritonServer.on_free_ports(DEFAULT_REPOSITORY, tmp_path_factory.mktemp("triton"))
+    """The real repository, with the diffusion model's test hook on (tests/models/helpers.py,
+    HOLD): tests hold the model with requests they release themselves."""
+    server = TritonServer.on_free_ports(
+        DEFAULT_REPOSITORY, tmp_path_factory.mktemp("triton"), env={HOLD_ENV: "1"}
+    )
     yield server
     server.stop()
 

@@ -1,26 +1,43 @@
-"""Building Triton gRPC inputs and reading Triton's own counters, for the model tests."""
+"""Building Triton gRPC inputs, reading Triton's own counters and holding the diffusion model,
+for the model tests (and the gateway tests that need Triton busy)."""
 
 from __future__ import annotations
 
 import json
+import queue
 import re
 import shutil
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import onnx
 import tritonclient.grpc as grpcclient
 from google.protobuf import json_format, text_format
+from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
-from embedded.triton import DEFAULT_REPOSITORY
+from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.nsfw import VARIANTS
 from gateway.triton import contract
 
 T = TypeVar("T")
+
+DIFFUSION = contract.Model.DIFFUSION.value
+# The largest difference a seed's image may show between running alone and sharing a pass:
+# batched matrix products round differently (1/255 measured; docs/models.md, "Batching").
+BATCH_PIXEL_TOLERANCE = 2
+# The diffusion model's test hook (model_repository/diffusion/1/model.py, `_hold`): on a Triton
+# started with HOLD_ENV=1, a request whose parameter HOLD is true keeps its pass at the end of its
+# first step until it is cancelled or its timeout_ms has passed. The suite's Triton has it on.
+HOLD_ENV = "IMAGEGEN_DIFFUSION_TEST_HOLD"
+HOLD = "hold"
+# A held generation's own timeout: a test that never releases its hold frees the model after it.
+HOLD_LIMIT_MS = 600_000
 
 
 def model_config(model: str) -> model_config_pb2.ModelConfig:
@@ -82,12 +99,26 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
     return total
 
 
-def settled(read: Callable[[], T], quiet_s: float = 0.5) -> T:
-    """What `read` returns once it has stopped changing for `quiet_s`.
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 120) -> None:
+    """Polls `condition` until it holds. `timeout_s` only stops a test that would hang: nothing
+    waited for here depends on the machine's speed to come."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
 
-    Triton records statistics after it sends the response, and the session's server is shared,
-    so a figure read straight after another request can still move.
+
+def settled(
+    read: Callable[[], T], quiet_s: float = 0.5, ready: Callable[[T], bool] = lambda _: True
+) -> T:
+    """What `read` returns once `ready` holds for it and it has then stopped changing for
+    `quiet_s`.
+
+    Triton records statistics after it sends the response, however late a busy machine makes
+    that: `ready` says what must have been recorded already (an execution the caller has seen
+    answered), the quiet time catches what may still follow (the session's server is shared).
     """
+    wait_until(lambda: ready(read()), "the statistics recorded what was answered")
     value, since = read(), time.monotonic()
     while time.monotonic() - since < quiet_s:
         time.sleep(0.1)
@@ -97,14 +128,62 @@ def settled(read: Callable[[], T], quiet_s: float = 0.5) -> T:
     return value
 
 
-def executions(client: grpcclient.InferenceServerClient, model: str, quiet_s: float = 0.5) -> int:
-    """A model's execution count once it has stopped moving for `quiet_s`."""
+def executions(
+    client: grpcclient.InferenceServerClient, model: str, quiet_s: float = 0.5, at_least: int = 0
+) -> int:
+    """A model's execution count once it is `at_least` and has stopped moving for `quiet_s`."""
 
     def read() -> int:
         stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
         return int(stats.get("execution_count", 0))
 
-    return settled(read, quiet_s)
+    return settled(read, quiet_s, lambda count: count >= at_least)
+
+
+def diffusion_steps(triton: TritonServer) -> float:
+    return metric(triton.metrics_url, "imagegen_diffusion_steps_total")
+
+
+def diffusion_interrupted(triton: TritonServer, reason: str) -> float:
+    return metric(triton.metrics_url, "imagegen_diffusion_interrupted_total", reason=reason)
+
+
+def diffusion_pending(triton: TritonServer) -> float:
+    return metric(triton.metrics_url, "nv_inference_pending_request_count", model=DIFFUSION)
+
+
+@contextmanager
+def diffusion_held(triton: TritonServer) -> Iterator[None]:
+    """The single diffusion instance kept busy by a held generation (HOLD) for the duration of
+    the block, however fast the machine; cancelled at its end. Returns once the model has
+    stopped it: what was queued meanwhile then leaves the queue together, as one batch."""
+    steps, cancelled = diffusion_steps(triton), diffusion_interrupted(triton, "cancelled")
+    done: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        hold = client.async_infer(
+            DIFFUSION,
+            tensors(**generation(steps=2, seed=1, scale=None)),
+            callback=lambda result, error: done.put(error),
+            parameters={HOLD: True, contract.TIMEOUT_MS: HOLD_LIMIT_MS},
+        )
+        try:
+            wait_until(lambda: diffusion_steps(triton) > steps or not done.empty(),
+                       "the held generation ran its first step")
+            assert done.empty(), f"the held generation ended unreleased: {done.get()}"
+            yield
+            assert done.empty(), f"the held generation ended unreleased: {done.get()}"
+        finally:
+            hold.cancel()
+    wait_until(lambda: diffusion_interrupted(triton, "cancelled") > cancelled,
+               "the model stopped the held generation")
+
+
+def diffusion_idle(triton: TritonServer) -> None:
+    """Returns once whatever diffusion had queued or running is done: a one-step generation sent
+    now runs after it (one instance; a batch runs its passes in arrival order)."""
+    wait_until(lambda: diffusion_pending(triton) == 0, "nothing waits in the diffusion queue")
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        client.infer(DIFFUSION, tensors(**generation(steps=1, seed=2, scale=None)))
 
 
 def repository_variant(
@@ -128,15 +207,61 @@ def repository_variant(
 # The OpenVINO int8 file of an export (export.demo_models builds it for the demo classifier).
 OPENVINO_FILE = next(v.file for v in VARIANTS if v.kind == "openvino-int8")
 # The variants of failing_nsfw_repository and the status each answers with.
-FAILING_NSFW = {"slow": "timeout", "broken": "error",
+FAILING_NSFW = {"slow": "timeout", "broken": "error", "held": "timeout",
                 "slow_openvino": "timeout", "broken_openvino": "error"}
+HELD_CLASSIFIER = "held.onnx"
+
+
+def held_classifier() -> bytes:
+    """An ONNX classifier (the exported one's input and output) that runs until it is stopped:
+    a loop of about 1e15 turns for any image, of none for all-zero pixels (the model's warm-up
+    at load), so only the runtime's deadline ends a real request."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["go"], ["go_on"]),
+         helper.make_node("Add", ["turns", "one"], ["turns_after"])],
+        "turn",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("go", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("turns", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("go_on", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("turns_after", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    nodes = [
+        helper.make_node("Abs", ["pixel_values"], ["magnitudes"]),
+        helper.make_node("ReduceMax", ["magnitudes"], ["peak"], keepdims=0),
+        helper.make_node("Mul", ["peak", "many"], ["scaled"]),
+        helper.make_node("Cast", ["scaled"], ["trip_count"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["trip_count", "true", "zero"], ["turned"], body=body),
+        helper.make_node("ReduceMean", ["pixel_values"], ["means"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["means", "weights"], ["scores"]),
+        helper.make_node("Mul", ["turned", "zero"], ["nothing"]),
+        helper.make_node("Add", ["scores", "nothing"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "held",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [
+            helper.make_tensor("many", TensorProto.FLOAT, [], [1e15]),
+            helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("weights", TensorProto.FLOAT, [3, 2], [1, -1, 0.5, 0.5, -1, 1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def failing_nsfw_repository(repository: Path) -> Path:
     """The real repository plus NSFW classifiers that fail safe: `nsfw_slow` (a budget nothing
-    meets: status timeout) and `nsfw_broken` (an ONNX file that cannot load: status error), the
-    same two with OpenVINO serving (`nsfw_slow_openvino`, `nsfw_broken_openvino`), each also
-    behind its own `txt2img_nsfw_<variant>` ensemble."""
+    meets: status timeout), `nsfw_broken` (an ONNX file that cannot load: status error) and
+    `nsfw_held` (the config's own budget, the spec's 5 s, and a classifier that runs until the
+    budget stops it: status timeout), the first two also with OpenVINO serving
+    (`nsfw_slow_openvino`, `nsfw_broken_openvino`), each behind its own `txt2img_nsfw_<variant>`
+    ensemble."""
     for model in ("diffusion", "upscaler", "nsfw", "txt2img", "txt2img_nsfw"):
         shutil.copytree(DEFAULT_REPOSITORY / model, repository / model)
     budget = '"budget_ms"\n    value: { string_value: "5000" }'
@@ -145,6 +270,9 @@ def failing_nsfw_repository(repository: Path) -> Path:
     broken = repository_variant(repository, "nsfw", "nsfw_broken")
     served = json.loads((broken / "1" / "nsfw.json").read_text())["serve"]
     (broken / "1" / served).write_bytes(b"this is not an ONNX protobuf" * 10)
+    held = repository_variant(repository, "nsfw", "nsfw_held",
+                              {'string_value: "auto"': f'string_value: "{HELD_CLASSIFIER}"'})
+    (held / "1" / HELD_CLASSIFIER).write_bytes(held_classifier())
     openvino = {'string_value: "auto"': f'string_value: "{OPENVINO_FILE}"'}
     repository_variant(repository, "nsfw", "nsfw_slow_openvino", {**slow, **openvino})
     broken = repository_variant(repository, "nsfw", "nsfw_broken_openvino", openvino)

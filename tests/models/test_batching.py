@@ -8,7 +8,6 @@ import queue
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,23 @@ from tritonclient.utils import InferenceServerException
 
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from gateway.triton import contract
-from tests.models.helpers import generation, metric, model_config, settled, tensors
-
-DIFFUSION = contract.Model.DIFFUSION.value
-# The largest difference a seed's image may show between running alone and sharing a pass:
-# batched matrix products round differently (1/255 measured here; see README, "Batching").
-BATCH_PIXEL_TOLERANCE = 2
+from tests.models.helpers import (
+    BATCH_PIXEL_TOLERANCE,
+    DIFFUSION,
+    HOLD,
+    HOLD_LIMIT_MS,
+    diffusion_held,
+    diffusion_idle,
+    diffusion_interrupted,
+    diffusion_pending,
+    diffusion_steps,
+    generation,
+    metric,
+    model_config,
+    settled,
+    tensors,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +67,11 @@ def diffusion(**kwargs: Any) -> Call:
     return Call(DIFFUSION, generation(scale=None, **kwargs), parameters)
 
 
-def batch_sizes(client: grpcclient.InferenceServerClient, quiet_s: float = 0.5) -> dict[int, int]:
-    """Triton's count of diffusion executions by batch size, once it has stopped moving for
-    `quiet_s` (Triton records statistics after it sends the responses)."""
+def batch_sizes(
+    client: grpcclient.InferenceServerClient, at_least: int = 0, quiet_s: float = 0.5
+) -> dict[int, int]:
+    """Triton's count of diffusion executions by batch size, once they add up to `at_least` and
+    have stopped moving for `quiet_s` (Triton records statistics after it sends the responses)."""
 
     def read() -> dict[int, int]:
         stats = client.get_inference_statistics(DIFFUSION, as_json=True)["model_stats"][0]
@@ -68,45 +80,17 @@ def batch_sizes(client: grpcclient.InferenceServerClient, quiet_s: float = 0.5) 
             for entry in stats.get("batch_stats", [])
         }
 
-    return settled(read, quiet_s)
-
-
-def wait_for(condition: Any, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
-
-
-@contextmanager
-def held(triton: TritonServer, client: grpcclient.InferenceServerClient) -> Iterator[None]:
-    """Keeps the single diffusion instance busy with a long generation for the duration of the
-    block, then cancels it: whatever was queued meanwhile leaves the queue as one batch."""
-    steps = lambda: metric(triton.metrics_url, "imagegen_diffusion_steps_total")
-    before = steps()
-    done: queue.Queue = queue.Queue()
-    hold = client.async_infer(
-        DIFFUSION,
-        tensors(**generation(width=256, height=256, steps=100, seed=1, scale=None)),
-        callback=lambda result, error: done.put(error),
-        client_timeout=600,
-    )
-    try:
-        wait_for(lambda: steps() > before, "the long generation started")
-        yield
-        assert done.empty(), "the long generation ended before the batch was queued"
-    finally:
-        hold.cancel()
+    return settled(read, quiet_s, lambda sizes: sum(sizes.values()) >= at_least)
 
 
 def send_as_one_batch(
     triton: TritonServer, client: grpcclient.InferenceServerClient, calls: list[Call]
 ) -> dict[int, int]:
-    """Queues `calls` behind a long generation, lets them go as one batch and waits for every
+    """Queues `calls` behind a held generation, lets them go as one batch and waits for every
     answer; returns how many diffusion executions of each batch size this added."""
     answers: queue.Queue = queue.Queue()
     before = batch_sizes(client)
-    with held(triton, client):
+    with diffusion_held(triton):
         for index, call in enumerate(calls):
             client.async_infer(
                 call.model,
@@ -117,14 +101,13 @@ def send_as_one_batch(
                 parameters=call.parameters,
                 client_timeout=600,
             )
-        pending = lambda: metric(
-            triton.metrics_url, "nv_inference_pending_request_count", model=DIFFUSION
-        )
-        wait_for(lambda: pending() == len(calls), f"{len(calls)} requests wait in the queue")
+        wait_until(lambda: diffusion_pending(triton) == len(calls),
+                   f"{len(calls)} requests wait in the queue")
     for _ in calls:
         index, result, error, at = answers.get(timeout=600)
         calls[index].result, calls[index].error, calls[index].answered_at = result, error, at
-    after = batch_sizes(client)
+    # At least the held generation's execution and the batch's: both were answered.
+    after = batch_sizes(client, at_least=sum(before.values()) + 2)
     return {size: count - before.get(size, 0) for size, count in after.items()
             if count != before.get(size, 0)}
 
@@ -212,7 +195,9 @@ def test_a_timed_out_request_is_answered_at_once_and_its_batch_mates_finish(
     timeouts = counter(triton, "interrupted", reason="timeout")
     calls = [
         diffusion(steps=30, seed=31),
-        diffusion(steps=30, seed=32, parameters={contract.TIMEOUT_MS: 300}),
+        # Held at the end of the pass's first step until its timeout has passed (the model's test
+        # hook): the pass is still running then, however fast the machine.
+        diffusion(steps=30, seed=32, parameters={contract.TIMEOUT_MS: 300, HOLD: True}),
         diffusion(steps=30, seed=33),
     ]
     assert send_as_one_batch(triton, client, calls) == {1: 1, 3: 1}
@@ -229,48 +214,45 @@ def test_a_timed_out_request_is_answered_at_once_and_its_batch_mates_finish(
 def test_a_pass_whose_requests_are_all_cancelled_stops(
     triton: TritonServer, client: grpcclient.InferenceServerClient
 ) -> None:
-    steps = lambda: counter(triton, "steps")
-    cancelled = lambda: counter(triton, "interrupted", reason="cancelled")
+    steps_before = diffusion_steps(triton)
+    cancelled = lambda: diffusion_interrupted(triton, "cancelled")
     before_cancelled = cancelled()
     answers: queue.Queue = queue.Queue()
-    values = [generation(width=512, height=512, steps=100, seed=40 + i, scale=None) for i in range(3)]
-    with held(triton, client):
+    # Three that share a pass, each held at the end of its first step until it is cancelled (the
+    # model's test hook): the pass cannot end on its own, however fast the machine.
+    values = [generation(steps=100, seed=40 + i, scale=None) for i in range(3)]
+    with diffusion_held(triton):  # one step, then the hold's cancel
         contexts = [
             client.async_infer(
                 DIFFUSION, tensors(**v), callback=lambda result, error: answers.put(error),
-                client_timeout=600,
+                parameters={HOLD: True, contract.TIMEOUT_MS: HOLD_LIMIT_MS}, client_timeout=600,
             )
             for v in values
         ]
-        wait_for(
-            lambda: metric(triton.metrics_url, "nv_inference_pending_request_count", model=DIFFUSION)
-            == 3,
-            "3 requests wait in the queue",
-        )
-    # The long generation is answered CANCELLED before the pass of three starts: from here on,
-    # steps are the three's.
-    wait_for(lambda: cancelled() == before_cancelled + 1, "the long generation stopped")
-    start = steps()
-    wait_for(lambda: steps() >= start + 2 * 3, "the pass of three ran two steps")
+        wait_until(lambda: diffusion_pending(triton) == 3, "3 requests wait in the queue")
+    wait_until(lambda: diffusion_steps(triton) >= steps_before + 1 + 3,
+               "the pass of three ran its first step")
     for context in contexts:
         context.cancel()
     for _ in contexts:
         assert answers.get(timeout=120) is not None  # cancelled on the client's side
-    wait_for(lambda: cancelled() == before_cancelled + 4, "all three were answered CANCELLED")
-    ran = steps() - start
-    time.sleep(1.5)
-    assert steps() - start == ran, "steps were still being counted after the pass stopped"
-    assert ran < 3 * 30, f"ran {ran / 3:.0f} of 100 steps after a cancel"
+    wait_until(lambda: cancelled() == before_cancelled + 4, "all three were answered CANCELLED")
+    # The instance is free again (the pass has ended), and it ran no step past the cancel.
+    diffusion_idle(triton)
+    ran = diffusion_steps(triton) - steps_before - 1 - 1  # the hold's step and the idle check's
+    assert ran == 3, f"the pass of three ran {ran / 3:.0f} steps, held at the first"
 
 
 @pytest.fixture(scope="module")
 def gathering(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """A second Triton serving diffusion alone, from a copy of its config whose batcher waits up
-    to 3 s for company and whose passes hold two 64x64 images at most."""
+    """A second Triton serving diffusion alone, from a copy of its config whose batcher waits
+    for company until it has three requests (a minute at most, however slowly they come) and
+    whose passes hold two 64x64 images at most."""
     repository = tmp_path_factory.mktemp("gathering-repository")
     source = DEFAULT_REPOSITORY / DIFFUSION
     config = model_config(DIFFUSION)
-    config.dynamic_batching.max_queue_delay_microseconds = 3_000_000
+    config.dynamic_batching.max_queue_delay_microseconds = 60_000_000
+    config.dynamic_batching.preferred_batch_size.append(3)
     config.parameters["max_batch_pixels"].string_value = str(2 * 64 * 64)
     (repository / DIFFUSION).mkdir()
     (repository / DIFFUSION / "config.pbtxt").write_text(text_format.MessageToString(config))
@@ -300,7 +282,7 @@ def test_the_queue_delay_gathers_a_batch_and_max_batch_pixels_splits_its_passes(
             result, error = answers.get(timeout=300)
             assert error is None, error
             assert result.as_numpy("IMAGE").shape == (1, 64, 64, 3)
-        assert batch_sizes(client) == {3: 1}
+        assert batch_sizes(client, at_least=1) == {3: 1}
     # Two images a pass at most: the batch of three ran as two passes.
     assert metric(gathering.metrics_url, "imagegen_diffusion_passes_total") == 2
     assert metric(gathering.metrics_url, "imagegen_diffusion_images_total") == 3

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from embedded.triton import TritonServer
-from tests.models.helpers import generation, metric, tensors
+from gateway.triton.contract import TIMEOUT_MS
+from tests.models.helpers import (
+    HOLD,
+    HOLD_LIMIT_MS,
+    diffusion_interrupted,
+    diffusion_steps,
+    generation,
+    tensors,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,36 +91,38 @@ def test_bad_timeout_parameter_is_invalid_arg(client: grpcclient.InferenceServer
         client.infer("diffusion", tensors(**generation(scale=None)), parameters={"timeout_ms": -3})
 
 
-def _wait_for_interruption(triton: TritonServer, reason: str, before: float) -> None:
-    deadline = time.monotonic() + 120
-    while metric(triton.metrics_url, "imagegen_diffusion_interrupted_total", reason=reason) <= before:
-        assert time.monotonic() < deadline, f"diffusion never reported a {reason} interruption"
-        time.sleep(0.2)
-
-
 def test_grpc_deadline_cancels_a_direct_generation(
     triton: TritonServer, client: grpcclient.InferenceServerClient
 ) -> None:
-    steps_before = metric(triton.metrics_url, "imagegen_diffusion_steps_total")
-    cancelled_before = metric(triton.metrics_url, "imagegen_diffusion_interrupted_total", reason="cancelled")
-    values = generation(width=512, height=512, steps=100, scale=None)
+    steps_before = diffusion_steps(triton)
+    cancelled_before = diffusion_interrupted(triton, "cancelled")
+    # Held at the end of its first step (the model's test hook) until the deadline cancels it:
+    # still running at the deadline, however fast the machine.
     with pytest.raises(InferenceServerException) as error:
-        client.infer("diffusion", tensors(**values), client_timeout=1.0)
+        client.infer(
+            "diffusion", tensors(**generation(steps=100, scale=None)),
+            parameters={HOLD: True, TIMEOUT_MS: HOLD_LIMIT_MS}, client_timeout=1.0,
+        )
     assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-    _wait_for_interruption(triton, "cancelled", cancelled_before)
-    ran = metric(triton.metrics_url, "imagegen_diffusion_steps_total") - steps_before
-    assert ran < 20, f"ran {ran:.0f} of 100 steps after a 1 s deadline"
+    wait_until(lambda: diffusion_interrupted(triton, "cancelled") > cancelled_before,
+               "diffusion reported a cancelled interruption")
+    # The step it was held at (none if the deadline passed before it), and not one more.
+    ran = diffusion_steps(triton) - steps_before
+    assert ran <= 1, f"ran {ran:.0f} of 100 steps after the deadline"
 
 
 def test_timeout_parameter_stops_generation_inside_the_ensemble(
     triton: TritonServer, client: grpcclient.InferenceServerClient
 ) -> None:
     # A gRPC deadline does not reach diffusion inside an ensemble (Triton 2.51); the parameter does.
-    steps_before = metric(triton.metrics_url, "imagegen_diffusion_steps_total")
-    timeouts_before = metric(triton.metrics_url, "imagegen_diffusion_interrupted_total", reason="timeout")
-    values = generation(width=512, height=512, steps=100)
+    steps_before = diffusion_steps(triton)
+    timeouts_before = diffusion_interrupted(triton, "timeout")
+    values = generation(steps=100)
     with pytest.raises(InferenceServerException, match=r"generation timeout after \d+ of 100 steps"):
-        client.infer("txt2img", tensors(**values), parameters={"timeout_ms": 1000}, client_timeout=60)
-    _wait_for_interruption(triton, "timeout", timeouts_before)
-    ran = metric(triton.metrics_url, "imagegen_diffusion_steps_total") - steps_before
-    assert ran < 20, f"ran {ran:.0f} of 100 steps after a 1 s timeout"
+        # Held until its timeout has passed: the parameter reaches diffusion, the hold with it.
+        client.infer("txt2img", tensors(**values), parameters={HOLD: True, TIMEOUT_MS: 1000},
+                     client_timeout=60)
+    wait_until(lambda: diffusion_interrupted(triton, "timeout") > timeouts_before,
+               "diffusion reported a timeout interruption")
+    ran = diffusion_steps(triton) - steps_before
+    assert ran <= 1, f"ran {ran:.0f} of 100 steps after the timeout"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +32,13 @@ from tests.models.helpers import (
     OPENVINO_FILE,
     executions,
     generation,
+    model_config,
     repository_variant,
     tensors,
 )
 
 PARITY = 1e-4
+SPEC_BUDGET_MS = 5000
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,7 @@ def test_images_of_different_sizes_share_batches(client: grpcclient.InferenceSer
     alone = [score_concurrently(client, [image])[0] for image in images]
     before = executions(client, "nsfw")
     together = score_concurrently(client, images)
-    assert executions(client, "nsfw") - before < len(images)
+    assert executions(client, "nsfw", at_least=before + 1) - before < len(images)
     assert np.allclose([s for s, _ in together], [s for s, _ in alone], atol=1e-5)
 
 
@@ -110,6 +114,26 @@ def test_fail_safe_still_returns_the_image_with_score_one(
     assert result.as_numpy("IMAGE").shape == (1, 192, 128, 3)
     assert result.as_numpy("NSFW_SCORE")[0, 0] == 1.0
     assert result.as_numpy("NSFW_STATUS")[0, 0] == status.encode()
+
+
+def test_the_budget_is_the_specs_5_s(triton: TritonServer) -> None:
+    # The spec: a check that takes over 5 s scores 1.0. The budget is config.pbtxt's, and the
+    # classifier the session's Triton serves was loaded with it.
+    assert model_config("nsfw").parameters["budget_ms"].string_value == str(SPEC_BUDGET_MS)
+    assert triton.log_path is not None
+    loaded = re.findall(r"nsfw: .*, budget (\S+)s, status ok", triton.log_path.read_text())
+    assert loaded and {float(seconds) for seconds in loaded} == {SPEC_BUDGET_MS / 1000}, loaded
+
+
+def test_a_classifier_held_past_the_budget_scores_1_once_the_budget_is_out(
+    failing_nsfw: grpcclient.InferenceServerClient,
+) -> None:
+    # nsfw_held runs until it is stopped, under the config's own budget: the model stops it there.
+    started = time.monotonic()
+    result = failing_nsfw.infer("nsfw_held", tensors(IMAGE=sample_images(seed=8)[0][None]))
+    assert time.monotonic() - started >= SPEC_BUDGET_MS / 1000
+    assert (result.as_numpy("NSFW_SCORE")[0, 0], result.as_numpy("NSFW_STATUS")[0, 0]) == (
+        1.0, b"timeout")
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,8 @@ class TritonPythonModel:
         # Largest width x height x images of one pipeline call (0: no bound): a larger group of
         # requests runs as several passes, so a batch of big images cannot exhaust the memory.
         self.max_batch_pixels = int(params.get("max_batch_pixels", "0"))
+        # A test hook (see _hold), off unless Triton starts with this variable set to 1.
+        self.holds = os.environ.get("IMAGEGEN_DIFFUSION_TEST_HOLD") == "1"
         if int(params.get("torch_threads", "0")) > 0:
             torch.set_num_threads(int(params["torch_threads"]))
 
@@ -284,6 +286,19 @@ class TritonPythonModel:
             for start in range(0, len(group), size):
                 yield group[start : start + size]
 
+    def _hold(self, live):
+        """The test hook: a request with the parameter `hold` true keeps its pass at the end of
+        this step until it is cancelled or its timeout_ms has passed; the check that follows
+        stops it as any other. So a test keeps the instance busy, or a pass running past a
+        deadline, for as long as it needs on a machine of any speed (a one-step request is
+        never held: the last step has no check)."""
+        if not self.holds:
+            return
+        held = [job for job in live
+                if json.loads(job.request.parameters() or "{}").get("hold") is True]
+        while any(not job.answered and job.stop_reason() is None for job in held):
+            time.sleep(0.01)
+
     def _stop(self, job, ran, steps):
         """Answers the job CANCELLED when its caller cancelled or its timeout passed."""
         reason = job.stop_reason()
@@ -309,6 +324,7 @@ class TritonPythonModel:
             # Every image of the pass was computed, answered ones included.
             self.steps_counter.increment(len(live))
             if ran < steps:
+                self._hold(live)
                 for job in live:
                     if not job.answered:
                         self._stop(job, ran, steps)
