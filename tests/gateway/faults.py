@@ -3,9 +3,10 @@
 It records every request it receives (raw request target, headers, body, arrival time) and
 answers with the next action of its script; the last action repeats once the script runs out.
 Actions: an int status (2xx answers carry an S3-style ETag with the body's MD5), `Respond`
-for full control (a delay included), `HANG` (read the request, never answer) and `CLOSE` (drop
-the connection). With an `ssl.SSLContext` it serves https. `Trap` only counts connections: where
-it listens, nothing may ever connect.
+for full control (a delay included), `held()` (an answer that waits for the test's `release()`),
+`HANG` (read the request, never answer) and `CLOSE` (drop the connection). `unanswered` counts
+the requests still waiting for their answer. With an `ssl.SSLContext` it serves https. `Trap`
+only counts connections: where it listens, nothing may ever connect.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ class Respond:
     body: bytes = b""
     etag: str | None = "md5"  # "md5": the body's MD5, like S3; None: no ETag; else verbatim
     delay_s: float = 0.0  # wait this long after reading the request before answering
+
+
+# The longest an answer waits for `release()`: longer than any test holds one, short enough that a
+# test that never releases does not leave a thread behind for the session.
+HELD_S = 600.0
+
+
+def held(status: int = 200) -> Respond:
+    """An answer (`status`) given only once the test calls `release()` (or stops the server)."""
+    return Respond(status, delay_s=HELD_S)
 
 
 HANG = "hang"
@@ -56,6 +67,7 @@ class FaultServer(BackgroundHTTPServer):
         self._lock = threading.Lock()
         self._released = threading.Event()
         self._next = 0
+        self._unanswered = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,6 +83,12 @@ class FaultServer(BackgroundHTTPServer):
                 action = server._record(
                     Received(self.command, self.path, dict(self.headers.items()), body, arrived)
                 )
+                try:
+                    self._act(action, body)
+                finally:
+                    server._answered()
+
+            def _act(self, action: Action, body: bytes) -> None:
                 if action == HANG:
                     server._released.wait(60)
                     self.close_connection = True
@@ -101,9 +119,21 @@ class FaultServer(BackgroundHTTPServer):
     def _record(self, received: Received) -> Action:
         with self._lock:
             self.requests.append(received)
+            self._unanswered += 1
             action = self.script[min(self._next, len(self.script) - 1)]
             self._next += 1
             return action
+
+    def _answered(self) -> None:
+        with self._lock:
+            self._unanswered -= 1
+
+    @property
+    def unanswered(self) -> int:
+        """Requests received and not answered yet (held, hanging or delayed): a client that has
+        its own answer while this is above 0 did not wait for this server's."""
+        with self._lock:
+            return self._unanswered
 
     def set_script(self, *actions: Action) -> None:
         with self._lock:

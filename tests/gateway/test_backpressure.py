@@ -3,12 +3,14 @@ once with 429 and Retry-After, and a slot comes back however a request ended."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from werkzeug.test import TestResponse
+
 from gateway import Settings
-from tests.gateway.faults import FaultServer, Respond
+from tests.gateway.faults import FaultServer, held
+from tests.models.helpers import wait_until
 
 BODY = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 1, "upscale": False}
 
@@ -22,31 +24,31 @@ def gauge(client: Any) -> float:
 def test_the_request_past_the_bound_is_429_until_a_slot_frees(
     make_app: Any, triton_settings: Settings, fault_server: FaultServer
 ) -> None:
-    app = make_app(triton_settings.replace(max_in_flight=2, retry_after_s=3))
-    fault_server.set_script(Respond(200, delay_s=1.0))  # each upload takes 1 s (timeout: 2 s)
+    # Uploads wait for the test's release; no client timeout runs out while it looks.
+    app = make_app(triton_settings.replace(max_in_flight=2, retry_after_s=3, upload_timeout_s=120))
+    fault_server.set_script(held(200))
     body = {**BODY, "s3_prefix": f"{fault_server.url}/b/1.png"}
 
-    def post() -> int:
+    def post() -> TestResponse:
         with app.test_client() as client:
-            return client.post("/generate", json=body).status_code
+            return client.post("/generate", json=body)
 
-    with ThreadPoolExecutor(2) as pool:
+    client = app.test_client()
+    with ThreadPoolExecutor(3) as pool:
         busy = [pool.submit(post) for _ in range(2)]
-        deadline = time.monotonic() + 60
-        while len(fault_server.requests) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(fault_server.requests) == 2  # both are at work (uploading)
-
-        client = app.test_client()
-        started = time.monotonic()
-        refused = client.post("/generate", json=body)
-        assert time.monotonic() - started < 1.0  # refused at once, not queued
-        assert refused.status_code == 429
-        assert refused.json["error"]["code"] == "overloaded"
-        assert refused.headers["Retry-After"] == "3"
-        assert client.get("/healthz").status_code == 200  # probes are not bounded
-        assert gauge(client) == 2
-        assert [f.result() for f in busy] == [200, 200]
+        try:
+            wait_until(lambda: len(fault_server.requests) == 2, "both requests are uploading")
+            # Answered while both slots are held: refused at once, not queued behind them.
+            refused = pool.submit(post).result(timeout=60)
+            assert fault_server.unanswered == 2 and not any(f.done() for f in busy)
+            assert gauge(client) == 2
+            assert client.get("/healthz").status_code == 200  # probes are not bounded
+        finally:
+            fault_server.release()
+        assert [f.result().status_code for f in busy] == [200, 200]
+    assert refused.status_code == 429
+    assert refused.json["error"]["code"] == "overloaded"
+    assert refused.headers["Retry-After"] == "3"
 
     assert gauge(client) == 0
     fault_server.set_script(200)

@@ -31,7 +31,8 @@ from tests.gateway.fake_nvidia import (
     faces,
     json_response,
 )
-from tests.gateway.faults import HANG, Respond, Trap
+from tests.gateway.faults import HANG, HELD_S, Respond, Trap
+from tests.models.helpers import wait_until
 
 FAST = RetryPolicy(backoff=(0.05, 0.1, 0.2))
 
@@ -84,11 +85,6 @@ def make_client(nvcf: FakeNvcf) -> Iterator[MakeClient]:
         client.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def counted(metrics: Metrics, result: str) -> float:
@@ -118,7 +114,7 @@ def test_a_photo_at_the_default_output_size_gets_a_verdict_through_an_asset(
     assert detect.body == (
         b'{"input": ["data:image/jpeg;asset_id,%s"], "return_image": false}' % asset_id.encode()
     )
-    wait_for(lambda: len(nvcf.sent("delete")) == 1)  # deleted once the answer was in
+    wait_until(lambda: len(nvcf.sent("delete")) == 1, "the asset was deleted")  # once answered
     assert nvcf.sent("delete")[0].target == f"{ASSETS_PATH}/{asset_id}"
     assert counted(metrics, "ok") == 1
 
@@ -187,18 +183,21 @@ def test_the_budget_holds_over_the_whole_flow(
     nvcf.set_script(step, HANG)
     started = time.monotonic()
     result = make_client(budget_s=1.0).start(PHOTO).result()
+    # "timeout", not the error a dropped connection gives: the budget ended the wait, not the
+    # hanging step (which drops its connection after a minute).
     assert result == DeepfakeResult(1.0, "timeout")
-    assert time.monotonic() - started <= 1.0 + 0.5  # slack for a busy machine
+    assert time.monotonic() - started >= 1.0  # the budget was waited out
     assert nvcf.sent("detect") == []
 
 
 def test_a_slow_upload_leaves_no_time_to_detect_and_times_out(
     make_client: MakeClient, nvcf: FakeNvcf
 ) -> None:
-    nvcf.set_script("upload", Respond(200, delay_s=1.5))
-    started = time.monotonic()
+    # The upload succeeds, but only when the server stops: long after the budget.
+    nvcf.set_script("upload", Respond(200, delay_s=HELD_S))
+    # "timeout", not the verdict the upload would have led to: the client did not wait for it.
     assert make_client(budget_s=1.0).start(PHOTO).result() == DeepfakeResult(1.0, "timeout")
-    assert time.monotonic() - started <= 1.5
+    assert nvcf.sent("detect") == []
 
 
 def test_an_upload_url_elsewhere_over_plain_http_is_never_connected(

@@ -1,11 +1,10 @@
-"""Triton's queue policy on the diffusion model, seen through the gateway: while one long
-generation occupies the model, a burst fills the bounded queue; the requests past it are 429 at
-once and the queued ones that wait past their queue timeout are 503, all JSON with Retry-After."""
+"""Triton's queue policy on the diffusion model, seen through the gateway: while a held
+generation occupies the model, requests past the bounded queue are 429 at once and queued ones
+that wait past their queue timeout are 503, all JSON with Retry-After."""
 
 from __future__ import annotations
 
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,21 @@ import tritonclient.grpc as grpcclient
 from flask import Flask
 
 from gateway import Settings
-from tests.models.helpers import generation, metric, tensors
+from tests.models.helpers import (
+    DIFFUSION,
+    diffusion_held,
+    diffusion_idle,
+    diffusion_pending,
+    generation,
+    tensors,
+    wait_until,
+)
 
 DIFFUSION_CONFIG = Path(__file__).resolve().parents[3] / "model_repository" / "diffusion" / "config.pbtxt"
 TINY = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 1, "upscale": False,
         "enable_nsfw_check": False, "response_format": "b64_json"}
+# Longer than the test: the direct requests that fill the queue never expire in it.
+FILL_QUEUE_TIMEOUT_US = 600_000_000
 
 
 def max_queue_size() -> int:
@@ -30,11 +39,9 @@ def max_queue_size() -> int:
 def test_a_full_queue_is_429_and_an_expired_wait_is_503(
     make_app: Any, triton_settings: Settings, triton: Any
 ) -> None:
-    queue = max_queue_size()
-    burst = queue + 6
-    # A queue timeout that expires while the long generation still runs; no in-flight bound here.
+    queue, past = max_queue_size(), 6
     app: Flask = make_app(
-        triton_settings.replace(triton_queue_timeout_s=1.0, max_in_flight=burst, retry_after_s=2)
+        triton_settings.replace(triton_queue_timeout_s=1.0, max_in_flight=queue, retry_after_s=2)
     )
 
     def post(_: int) -> tuple[int, dict[str, Any], str | None]:
@@ -42,29 +49,30 @@ def test_a_full_queue_is_429_and_an_expired_wait_is_503(
             response = client.post("/generate", json=TINY)
             return response.status_code, response.json, response.headers.get("Retry-After")
 
-    # The long generation is a direct call, so it can be cancelled as soon as the burst is answered.
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
-    steps_before = metric(triton.metrics_url, "imagegen_diffusion_steps_total")
-    long = client.async_infer(
-        "diffusion",
-        tensors(**generation(width=512, height=512, steps=100, scale=None)),
-        callback=lambda result, error: None,
-        client_timeout=120,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while metric(triton.metrics_url, "imagegen_diffusion_steps_total") == steps_before:
-            assert time.monotonic() < deadline, "the long generation never started"
-            time.sleep(0.05)
-        with ThreadPoolExecutor(burst) as pool:
-            answers = list(pool.map(post, range(burst)))
-    finally:
-        long.cancel()
-        client.close()
+    # A queue filled to its bound by direct requests that cannot expire: every request past it
+    # is refused at once. The filling requests are cancelled, and leave with the hold.
+    with diffusion_held(triton), grpcclient.InferenceServerClient(triton.grpc_url) as direct:
+        fill = [
+            direct.async_infer(
+                DIFFUSION, tensors(**generation(steps=1, seed=i, scale=None)),
+                callback=lambda result, error: None, timeout=FILL_QUEUE_TIMEOUT_US,
+            )
+            for i in range(queue)
+        ]
+        wait_until(lambda: diffusion_pending(triton) == queue, f"{queue} requests wait in the queue")
+        with ThreadPoolExecutor(past) as pool:
+            refused = list(pool.map(post, range(past)))
+        for request in fill:
+            request.cancel()
+    wait_until(lambda: diffusion_pending(triton) == 0, "the cancelled requests left the queue")
+    # The model stays busy past their 1 s queue timeout: every queued request expires.
+    with diffusion_held(triton), ThreadPoolExecutor(queue) as pool:
+        expired = list(pool.map(post, range(queue)))
+    diffusion_idle(triton)
 
-    statuses = sorted(status for status, _, _ in answers)
-    assert statuses == [429] * (burst - queue) + [503] * queue, statuses
-    for status, body, retry_after in answers:
+    assert [status for status, _, _ in refused] == [429] * past, refused
+    assert [status for status, _, _ in expired] == [503] * queue, expired
+    for status, body, retry_after in refused + expired:
         assert retry_after == "2"
         if status == 429:
             assert body["error"]["code"] == "overloaded"
