@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from flask import Flask
 from gateway import Settings
 from gateway.auth import OPEN_ENDPOINTS, ApiKeys
 from gateway.settings import SettingsError
+from tests.gateway.process import GunicornGateway, request
+from tests.models.helpers import wait_until
 
 KEY = "key-one-" + "a" * 16
 OTHER = "key-two-" + "b" * 16
@@ -106,3 +109,26 @@ def test_with_keys_there_is_no_warning(
     with caplog.at_level(logging.WARNING, logger="gateway"):
         make_app(base_settings.replace(api_keys=(KEY,)))
     assert not any("NO API KEYS" in r.getMessage() for r in caplog.records)
+
+
+def test_sighup_reloads_the_key_file(tmp_path: Path) -> None:
+    """Rotation as the setting documents it: rewrite GATEWAY_API_KEYS_FILE, send gunicorn HUP;
+    its new workers build the app again and read the file, the old ones finish and leave."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{KEY}\n")
+    body = {"prompt": "x"}  # past authentication, a 400 for the missing s3_prefix
+
+    def status(server: GunicornGateway, key: str) -> int:
+        code, _, _ = request("POST", f"{server.url}/generate", body, {"Authorization": f"Bearer {key}"})
+        return code
+
+    with GunicornGateway(tmp_path / "gateway.log", API_KEYS_FILE=str(keys_file)) as server:
+        assert (status(server, KEY), status(server, OTHER)) == (400, 401)
+        before = set(server.worker_pids())
+        keys_file.write_text(f"{OTHER}\n")
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        # Every worker that answers from here on is one started after the HUP.
+        wait_until(lambda: (pids := set(server.worker_pids())) and not pids & before,
+                   "new workers replaced the old ones")
+        assert (status(server, KEY), status(server, OTHER)) == (401, 400)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,8 @@ from PIL import Image
 from gateway import Settings
 from tests.gateway.conftest import LocalS3
 from tests.gateway.faults import HANG, FaultServer, Respond
-from tests.models.helpers import executions
+from tests.gateway.upload.test_egress import Pki
+from tests.models.helpers import diffusion_held, diffusion_idle, executions
 
 SPEC_QUERY = "?AWSAccessKeyId=AKIAQE43KJDN7ARTLAVM&Signature=%2ByiRa6eTIiuPtE3wGWzFzmS3snA%3D&Expires=1756921542"
 
@@ -42,12 +44,9 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
-def nsfw_executions(triton: Any) -> int:
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
-    try:
-        return executions(client, "nsfw")
-    finally:
-        client.close()
+def nsfw_executions(triton: Any, at_least: int = 0) -> int:
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        return executions(client, "nsfw", at_least=at_least)
 
 
 def test_the_specs_example_request(triton_client: FlaskClient, s3: LocalS3) -> None:
@@ -164,7 +163,7 @@ def test_nsfw_off_never_runs_the_classifier(
     )
     assert response.json["data"]["nsfw_status"] == "ok"
     assert 0.0 <= response.json["data"]["nsfw_score"] <= 1.0
-    assert nsfw_executions(triton) == before + 1
+    assert nsfw_executions(triton, at_least=before + 1) == before + 1
 
 
 def test_b64_json_returns_the_jpeg_inline_and_uploads_nothing(
@@ -248,12 +247,49 @@ def test_a_storage_that_never_answers_is_retried_then_reported(
     assert len(fault_server.requests) == 4
 
 
-def test_a_generation_past_the_deadline_is_504(make_app: Any, triton_settings: Settings) -> None:
+@pytest.mark.parametrize("bundle", [True, False], ids=["with-bundle", "without"])
+def test_https_storage_is_trusted_through_the_ca_bundle(
+    make_app: Any, triton_settings: Settings, tmp_path: Path, bundle: bool
+) -> None:
+    """Storage on https with a certificate from a CA of its own: GATEWAY_UPLOAD_CA_BUNDLE
+    naming that CA makes the upload go through; without it the certificate is refused, nothing
+    is sent, and the answer is the documented 502 (outcome tls_error)."""
+    pki = Pki(tmp_path)
+    storage = FaultServer(tls=pki.server_context("localhost")).start()
+    try:
+        url = f"https://localhost:{storage.port}/b/1.png"
+        settings = triton_settings.replace(
+            upload_allowed_hosts=(f"https://localhost:{storage.port}",),
+            upload_ca_bundle=str(pki.ca_file) if bundle else None,
+        )
+        client = make_app(settings).test_client()
+        response = client.post("/generate", json=small(s3_prefix=url))
+        metrics = client.get("/metrics").get_data(as_text=True)
+    finally:
+        storage.stop()
+    if bundle:
+        assert response.status_code == 200, response.json
+        data = response.json["data"]
+        assert data["s3_upload_status"] == 200
+        [received] = storage.requests
+        assert received.target == f"/b/{data['image_hash']}.jpg"
+        assert hashlib.md5(received.body).hexdigest() == data["image_hash"]
+    else:
+        assert response.status_code == 502, response.json
+        assert response.json["error"]["code"] == "upload_failed"
+        assert response.json["data"]["s3_upload_status"] is None
+        assert storage.requests == []
+        assert 'gateway_upload_attempts_total{outcome="tls_error"} 1.0' in metrics
+
+
+def test_a_generation_past_the_deadline_is_504(
+    make_app: Any, triton_settings: Settings, triton: Any
+) -> None:
     client = make_app(triton_settings.replace(triton_deadline_s=0.5)).test_client()
-    response = client.post(
-        "/generate",
-        json=small(width=512, height=512, num_inference_steps=100, response_format="b64_json"),
-    )
+    # The model is held busy: the deadline passes before the generation can end, on any machine.
+    with diffusion_held(triton):
+        response = client.post("/generate", json=small(response_format="b64_json"))
+    diffusion_idle(triton)  # the request Triton still held has run (its timeout_ms stops it)
     assert response.status_code == 504
     assert response.json["error"]["code"] == "deadline_exceeded"
 
