@@ -4,15 +4,22 @@ the scripted fault server. Images are small (64-128 px, 2 steps) except in the s
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import io
+import ipaddress
 import logging
+import ssl
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tritonclient.grpc as grpcclient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
@@ -247,6 +254,35 @@ def test_a_storage_that_never_answers_is_retried_then_reported(
     assert len(fault_server.requests) == 4
 
 
+def loopback_tls(pki: Pki) -> ssl.SSLContext:
+    """A server context for 127.0.0.1 (listed as an IP literal, the way loopback storage may be
+    allowed), its certificate signed by `pki`'s CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(pki.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(pki.key, hashes.SHA256())
+    )
+    cert_file, key_file = pki.directory / "loopback.pem", pki.directory / "loopback.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 @pytest.mark.parametrize("bundle", [True, False], ids=["with-bundle", "without"])
 def test_https_storage_is_trusted_through_the_ca_bundle(
     make_app: Any, triton_settings: Settings, tmp_path: Path, bundle: bool
@@ -255,11 +291,11 @@ def test_https_storage_is_trusted_through_the_ca_bundle(
     naming that CA makes the upload go through; without it the certificate is refused, nothing
     is sent, and the answer is the documented 502 (outcome tls_error)."""
     pki = Pki(tmp_path)
-    storage = FaultServer(tls=pki.server_context("localhost")).start()
+    storage = FaultServer(tls=loopback_tls(pki)).start()
     try:
-        url = f"https://localhost:{storage.port}/b/1.png"
+        url = f"https://127.0.0.1:{storage.port}/b/1.png"
         settings = triton_settings.replace(
-            upload_allowed_hosts=(f"https://localhost:{storage.port}",),
+            upload_allowed_hosts=(f"https://127.0.0.1:{storage.port}",),
             upload_ca_bundle=str(pki.ca_file) if bundle else None,
         )
         client = make_app(settings).test_client()
