@@ -24,9 +24,17 @@ calls to a single model, such as the NSFW classifier) within its own exit timeou
 
 A second signal skips the wait and forwards SIGTERM at once.
 
-Explicit model control makes the model-repository API (load, unload) live. It is restricted
-to requests carrying a header with a key this supervisor draws at random, so only it can
-unload, and nobody can load a model through Triton's ports.
+Triton's APIs (docs/security.md, "Triton's APIs"): the gateway uses health, metadata,
+model-config and inference, over gRPC; statistics stay open too (read-only counters, the same
+the metrics port publishes to the same peers; perf_analyzer and the benchmarks read them).
+shared-memory, trace and logging are closed on both protocols by a restriction whose header no
+client can send (CLOSED_HEADER), so no key for them exists anywhere, not even on this command
+line, which every local user can read in `ps`. model-repository, which explicit model control
+makes live (load, unload: a load can run code), is closed that way on gRPC; on HTTP it takes
+the key this supervisor draws at random, for the drain. That key is on the command line, so
+Triton's HTTP listener must be one that only this supervisor reaches: in the containers it is
+bound to the container's own loopback (deploy/docker/triton-entrypoint.sh); the embedded stack
+on a machine shared with other users is the exception docs/security.md states.
 
 Standard library only: the Triton image runs this file with its own python3
 (deploy/docker/triton-entrypoint.sh).
@@ -47,8 +55,16 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-# The header Triton checks on model-repository calls (--*-restricted-* below).
+# The header Triton checks on model-repository calls over HTTP (supervised_command).
 KEY_HEADER = "imagegen-drain-key"
+# Triton's restriction categories (`tritonserver --help`: --http-restricted-api,
+# --grpc-restricted-protocol) that neither the gateway nor this supervisor uses.
+CLOSED_APIS = ("shared-memory", "trace", "logging")
+# A header no request can carry, so a restriction on it admits nobody. HTTP/1.1 parsers end a
+# header's name at its first colon; gRPC metadata keys are lower-case [a-z0-9._-] only (Triton
+# puts its "triton-grpc-protocol-" prefix in front), and gRPC's own HPACK parser refuses any
+# other key. The value starts with a space, which HTTP parsers strip from every value they read.
+CLOSED_HEADER, CLOSED_VALUE = "Closed:To-Everyone", " never"
 # Long enough for the longest request a gateway lets Triton hold: its deadline (120 s by
 # default) plus a margin. Stopping takes longer only while requests are still running.
 DEFAULT_DRAIN_TIMEOUT_S = 130.0
@@ -81,18 +97,26 @@ def http_url(command: Sequence[str]) -> str:
     return f"http://{address}:{_option(command, '--http-port') or '8000'}"
 
 
+def restrictions(key: str) -> list[str]:
+    """Triton's flags that close the APIs nobody may use, and the repository API to all but
+    the drain's HTTP calls with `key`. Triton refuses to start if the caller restricted one of
+    these categories too (a category may be in one restriction only), so nothing given before
+    them can reopen one."""
+    closed = f"{CLOSED_HEADER}={CLOSED_VALUE}"
+    return [
+        f"--http-restricted-api={','.join(CLOSED_APIS)}:{closed}",
+        f"--http-restricted-api=model-repository:{KEY_HEADER}={key}",
+        f"--grpc-restricted-protocol={','.join((*CLOSED_APIS, 'model-repository'))}:{closed}",
+    ]
+
+
 def supervised_command(command: Sequence[str], key: str) -> list[str]:
-    """The command with what the drain needs: explicit model control (every model loaded at
-    start, unless the caller chose a mode and models itself) and the repository API
-    restricted to the supervisor's key."""
+    """The command with what the drain needs, explicit model control (every model loaded at
+    start, unless the caller chose a mode and models itself), and the restrictions."""
     extra = []
     if _option(command, "--model-control-mode") is None:
         extra += ["--model-control-mode=explicit", "--load-model=*"]
-    extra += [
-        f"--http-restricted-api=model-repository:{KEY_HEADER}={key}",
-        f"--grpc-restricted-protocol=model-repository:{KEY_HEADER}={key}",
-    ]
-    return [*command, *extra]
+    return [*command, *extra, *restrictions(key)]
 
 
 class Triton:

@@ -279,21 +279,24 @@ def triton_problems(rendered: Rendered, shape: str) -> list[str]:
     container = _container(deployment)
     flags = _flags(container)
     problems = []
-    for kind in ("http", "grpc", "metrics"):
+    for kind in ("grpc", "metrics"):
         flag = flags.get(f"{kind}-port")
         if flag is None or _port(container, kind) != int(flag):
             problems.append(
                 f"--{kind}-port={flag} but the container port {kind} is {_port(container, kind)}"
             )
-    for probe, path in (
-        ("startupProbe", "/v2/health/ready"),
-        ("readinessProbe", "/v2/health/ready"),
-        ("livenessProbe", "/v2/health/live"),
-    ):
-        get = container.get(probe, {}).get("httpGet", {})
-        port = _port(container, get.get("port", ""))
-        if get.get("path") != path or port is None or str(port) != flags.get("http-port"):
-            problems.append(f"Triton {probe} is not {path} on --http-port ({get})")
+    # Triton's HTTP listens on the pod's loopback only (the entrypoint binds it there, after
+    # these flags): nothing outside the pod reaches it, so no port, probe or flag may count on it.
+    if _port(container, "http") is not None or "http-address" in flags:
+        problems.append("Triton's HTTP port is the pod's own (loopback): no container port or "
+                        "--http-address for it")
+    for probe in ("startupProbe", "readinessProbe"):
+        port = container.get(probe, {}).get("grpc", {}).get("port")
+        if port is None or str(port) != flags.get("grpc-port"):
+            problems.append(f"Triton {probe} is not a gRPC health probe on --grpc-port")
+    live = " ".join(container.get("livenessProbe", {}).get("exec", {}).get("command", []))
+    if f"127.0.0.1:{flags.get('http-port')}/v2/health/live" not in live:
+        problems.append("Triton livenessProbe does not run /v2/health/live on --http-port in the pod")
     startup = container.get("startupProbe", {})
     startup_budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
     if startup_budget < 600:

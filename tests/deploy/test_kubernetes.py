@@ -165,10 +165,24 @@ BROKEN: dict[str, tuple[str, str, str, Callable[[kube.Rendered, Path], list[str]
     ),
     "Triton port moved, probes left behind": (
         "base/triton/deployment.yaml",
+        "--grpc-port=8001",
+        "--grpc-port=8081",
+        _consistency,
+        "--grpc-port=8081 but the container port grpc is 8001",
+    ),
+    "Triton HTTP port moved, liveness left behind": (
+        "base/triton/deployment.yaml",
         "--http-port=8000",
         "--http-port=8080",
         _consistency,
-        "--http-port=8080 but the container port http is 8000",
+        "livenessProbe does not run /v2/health/live on --http-port",
+    ),
+    "Triton's HTTP published outside the pod": (
+        "base/triton/deployment.yaml",
+        "            - --strict-readiness=true\n",
+        "            - --strict-readiness=true\n            - --http-address=0.0.0.0\n",
+        _consistency,
+        "Triton's HTTP port is the pod's own",
     ),
     "image tag that no Dockerfile makes": (
         "base/gateway/deployment.yaml",

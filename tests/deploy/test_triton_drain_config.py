@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from embedded.drain import http_url, supervised_command
+from embedded.drain import http_url, restrictions, supervised_command
 from tests.deploy.test_compose import DOCKER, ROOT, compose
 
 
@@ -36,15 +36,18 @@ def test_the_entrypoint_execs_the_drain_supervisor_the_image_carries() -> None:
     [line] = [
         line for line in entrypoint.replace("\\\n", " ").splitlines() if line.startswith("exec ")
     ]
-    words = shlex.split(line)
-    assert words[:3] == ["exec", "python3", "/opt/imagegen/drain.py"]
+    words = shlex.split(line, posix=False)  # keeps "$here/drain.py" as written
+    # drain.py beside the entrypoint ($here: the folder the entrypoint runs from).
+    assert words[:3] == ["exec", "python3", '"$here/drain.py"'] and 'here=$(dirname "$0")' in entrypoint
     command = words[words.index("--") + 1 :]
     assert command[0] == "tritonserver"
     dockerfile = (DOCKER / "triton.Dockerfile").read_text()
     [copy] = [line for line in dockerfile.splitlines() if "triton-entrypoint.sh" in line and line.startswith("COPY")]
     assert "embedded/drain.py" in copy.split() and copy.split()[-1] == "/opt/imagegen/"
     assert (ROOT / "embedded" / "drain.py").exists()
-    # The drain reaches Triton where the container's Triton listens (HTTP, every interface).
+    # The drain reaches Triton where the container's Triton listens: its own loopback, bound
+    # after the arguments ("$@"), so that none moves it.
+    assert command[-2:] == ['"$@"', "--http-address=127.0.0.1"]
     assert http_url(command) == "http://127.0.0.1:8000"
     # Explicit model control with every model loaded, as the drain needs; the key is fresh.
     supervised = supervised_command(command, "k" * 43)
@@ -69,8 +72,6 @@ def test_a_caller_s_own_model_control_is_kept() -> None:
                "--http-address=127.0.0.5", "--http-port", "9000"]
     supervised = supervised_command(command, "key")
     assert "--load-model=*" not in supervised  # Triton refuses * beside a named model
-    assert [a for a in supervised if "restricted" in a] == [
-        "--http-restricted-api=model-repository:imagegen-drain-key=key",
-        "--grpc-restricted-protocol=model-repository:imagegen-drain-key=key",
-    ]
+    assert [a for a in supervised if "restricted" in a] == restrictions("key")
+    assert "--http-restricted-api=model-repository:imagegen-drain-key=key" in supervised
     assert http_url(command) == "http://127.0.0.5:9000"
