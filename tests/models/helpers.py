@@ -210,6 +210,8 @@ OPENVINO_FILE = next(v.file for v in VARIANTS if v.kind == "openvino-int8")
 FAILING_NSFW = {"slow": "timeout", "broken": "error", "held": "timeout",
                 "slow_openvino": "timeout", "broken_openvino": "error"}
 HELD_CLASSIFIER = "held.onnx"
+# The spec: an NSFW check that takes longer scores 1.0 (the classifier's budget_ms).
+NSFW_BUDGET_MS = 5000
 
 
 def held_classifier() -> bytes:
@@ -264,8 +266,8 @@ def failing_nsfw_repository(repository: Path) -> Path:
     ensemble."""
     for model in ("diffusion", "upscaler", "nsfw", "txt2img", "txt2img_nsfw"):
         shutil.copytree(DEFAULT_REPOSITORY / model, repository / model)
-    budget = '"budget_ms"\n    value: { string_value: "5000" }'
-    slow = {budget: budget.replace("5000", "0.001")}
+    budget = f'"budget_ms"\n    value: {{ string_value: "{NSFW_BUDGET_MS}" }}'
+    slow = {budget: budget.replace(str(NSFW_BUDGET_MS), "0.001")}
     repository_variant(repository, "nsfw", "nsfw_slow", slow)
     broken = repository_variant(repository, "nsfw", "nsfw_broken")
     served = json.loads((broken / "1" / "nsfw.json").read_text())["serve"]
