@@ -13,7 +13,7 @@ from flask import Flask, Response, g, request
 
 from gateway import docs, views
 from gateway.auth import ApiKeys, require_api_key
-from gateway.backpressure import limit_in_flight
+from gateway.backpressure import limit_in_flight, limit_moderations
 from gateway.errors import register_error_handlers
 from gateway.limits import LimitsSource
 from gateway.logs import track_request_ids
@@ -72,6 +72,12 @@ def create_app(config: Settings | None = None) -> Flask:
     require_api_key(app, ApiKeys.from_settings(settings))
     limit_in_flight(
         app, limit=settings.max_in_flight, retry_after_s=settings.retry_after_s, metrics=metrics
+    )
+    limit_moderations(
+        app,
+        limit=settings.moderate_max_in_flight,
+        retry_after_s=settings.retry_after_s,
+        metrics=metrics,
     )
     app.register_blueprint(views.bp)
     app.register_blueprint(docs.bp)

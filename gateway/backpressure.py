@@ -38,3 +38,32 @@ def limit_in_flight(app: Flask, *, limit: int, retry_after_s: int, metrics: Metr
         if g.pop("gateway_slot", False):
             metrics.generate_ended()
             slots.release()
+
+
+# /moderate's own bound, taken inside the shared one: it bounds memory, not threads. Each image
+# is decoded at full size once (up to 16 bytes a pixel, WebP; docs/security.md has the figures),
+# so this caps what one process holds for images whatever the shared bound admits.
+MODERATIONS = "gateway.moderate"
+
+
+def limit_moderations(app: Flask, *, limit: int, retry_after_s: int, metrics: Metrics) -> None:
+    """Register after `limit_in_flight`: a refused moderation gives its shared slot back too."""
+    slots = threading.BoundedSemaphore(limit)
+
+    @app.before_request
+    def _acquire() -> None:
+        if request.endpoint != MODERATIONS:
+            return
+        if not slots.acquire(blocking=False):
+            raise Overloaded(
+                f"the gateway is moderating {limit} images already; retry later",
+                retry_after=retry_after_s,
+            )
+        g.moderation_slot = True
+        metrics.moderation_started()
+
+    @app.teardown_request
+    def _release(_error: BaseException | None) -> None:
+        if g.pop("moderation_slot", False):
+            metrics.moderation_ended()
+            slots.release()

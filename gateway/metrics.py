@@ -248,6 +248,13 @@ class Metrics:
             # Summed over the live workers; a dead worker's file no longer counts.
             multiprocess_mode="livesum",
         )
+        self._moderate_in_flight = Gauge(
+            "gateway_moderate_in_flight",
+            "/moderate requests this process is working on (bounded by "
+            "GATEWAY_MODERATE_MAX_IN_FLIGHT).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self._deepfake_checks = Counter(
             "gateway_deepfake_checks",
             f"Deepfake checks, by status ({_words(DeepfakeStatus)}); every status but ok and "
@@ -304,6 +311,13 @@ class Metrics:
 
     def generate_ended(self) -> None:
         self._generate_in_flight.dec()
+
+    def moderation_started(self) -> None:
+        """A /moderate request took one of its own slots (gateway_moderate_in_flight)."""
+        self._moderate_in_flight.inc()
+
+    def moderation_ended(self) -> None:
+        self._moderate_in_flight.dec()
 
     @contextmanager
     def stage(self, name: Stage) -> Iterator[None]:

@@ -16,9 +16,11 @@ import logging
 import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
-from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.fields import FieldSpec, check_fields, parse_body
@@ -38,6 +40,11 @@ _DATA_URL = re.compile(r"data:[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+;base64,", re.ASCII
 # of a large image took seconds of CPU here and could never fit the API's inline limit anyway.
 _API_MIME = {"JPEG": "image/jpeg", "PNG": "image/png"}
 _REENCODE_QUALITY = 95
+# A multipart form is read in pieces of this size, straight into memory: nothing is spooled to
+# disk, and a part is refused as soon as its name, or its size, is known to be wrong.
+_FORM_CHUNK = 64 * 1024
+# The form's text fields hold a word ("true"); anything longer is not one of them.
+_MAX_TEXT_PART_BYTES = 1024
 
 
 def moderate_fields(settings: Settings) -> tuple[FieldSpec, ...]:
@@ -75,7 +82,9 @@ class ModerateRequest:
         mime = _API_MIME.get(self.image.format)
         if mime is not None:
             return self.data, mime
-        return encode_jpeg(self.image.pixels, _REENCODE_QUALITY).data, "image/jpeg"
+        # At full size (the classifier's copy is reduced): faces must stay findable.
+        full = decode_image(self.data, self.image.width * self.image.height, reduce_to=None)
+        return encode_jpeg(full.pixels, _REENCODE_QUALITY).data, "image/jpeg"
 
 
 def body_limit(settings: Settings) -> int:
@@ -96,25 +105,63 @@ def check_moderate_json(raw: bytes, content_type: str | None, settings: Settings
 
 
 def check_moderate_form(
-    form: MultiDict[str, str], files: MultiDict[str, FileStorage], settings: Settings
+    stream: IO[bytes], boundary: str | None, settings: Settings
 ) -> ModerateRequest:
-    for name in {*form, *files}:
-        if len(form.getlist(name)) + len(files.getlist(name)) > 1:
-            raise InvalidRequest(f"field {name[:100]!r} is given more than once", field=name[:100])
-    if "image" in form:
-        raise InvalidRequest(
-            "image must be a file part (with a filename) in a multipart form", field="image"
-        )
-    unknown = sorted(name for name in files if name != "image")
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0][:100]!r}", field=unknown[0][:100])
+    """Read a multipart form from `stream`: the image as a file part, the other fields as text
+    parts, each at most once. Unknown, repeated and oversized parts are refused while the form
+    is read, before the rest of the body is."""
+    if not boundary or not boundary.isascii():
+        raise InvalidRequest("the multipart form has no valid boundary")
+    text_fields = {f.name for f in moderate_fields(settings)} - {"image"}
+    decoder = MultipartDecoder(boundary.encode("ascii"))
+    texts: dict[str, bytearray] = {}
+    image: bytearray | None = None
+    part: bytearray | None = None
+    name = ""
+    ended = False
+    for chunk in _chunks(stream):
+        try:
+            decoder.receive_data(chunk)
+            event = decoder.next_event()
+            while not isinstance(event, NeedData | Epilogue):
+                if isinstance(event, Field | File):
+                    name = event.name
+                    shown = name[:100]
+                    if name in texts or (name == "image" and image is not None):
+                        raise InvalidRequest(f"field {shown!r} is given more than once", field=shown)
+                    if isinstance(event, File) and name == "image":
+                        part = image = bytearray()
+                    elif name == "image":
+                        raise InvalidRequest(
+                            "image must be a file part (with a filename) in a multipart form",
+                            field="image",
+                        )
+                    elif name in text_fields and isinstance(event, Field):
+                        part = texts[name] = bytearray()
+                    else:
+                        raise InvalidRequest(f"unknown field {shown!r}", field=shown)
+                elif isinstance(event, Data) and part is not None:
+                    part += event.data
+                    limit = settings.moderate_max_bytes if part is image else _MAX_TEXT_PART_BYTES
+                    if len(part) > limit:
+                        raise PayloadTooLarge(f"{name} is larger than {limit} bytes", field=name)
+                event = decoder.next_event()
+            ended = isinstance(event, Epilogue)
+        except ValueError:  # the decoder's word for a form it cannot parse
+            raise InvalidRequest("the multipart form is malformed") from None
+    if not ended:
+        raise InvalidRequest("the multipart form is malformed or ends early")
     fields = tuple(f for f in moderate_fields(settings) if f.name != "image")
-    values = check_fields(dict(form.items()), fields)
-    upload = files.get("image")
-    if upload is None:
+    values = check_fields({k: v.decode("utf-8", "replace") for k, v in texts.items()}, fields)
+    if image is None:
         raise InvalidRequest("image is required", field="image")
-    data = upload.stream.read(settings.moderate_max_bytes + 1)
-    return _checked(data, values["enable_deepfake_check"], settings)
+    return _checked(bytes(image), values["enable_deepfake_check"], settings)
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[bytes | None]:
+    """The body in pieces, then None: the decoder's signal that no more data comes."""
+    yield from iter(lambda: stream.read(_FORM_CHUNK), b"")
+    yield None
 
 
 def _checked(data: bytes, enable_deepfake_check: bool, settings: Settings) -> ModerateRequest:

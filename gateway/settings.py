@@ -306,6 +306,14 @@ class Settings:
         "Largest image accepted by `/moderate` (width×height), checked before decoding.",
         default=4096 * 4096,
     )
+    moderate_max_in_flight: int = _setting(
+        "MODERATE_MAX_IN_FLIGHT",
+        int,
+        "Most `/moderate` requests one process works on at once, within MAX_IN_FLIGHT; the next "
+        "gets 429 with Retry-After. Each may hold one full-size decoded image: see "
+        "[its memory](security.md#moderate-memory-and-cpu).",
+        default=1,
+    )
     host: str = _setting("HOST", str.strip, "gunicorn bind address.", default="127.0.0.1")
     port: int = _setting("PORT", int, "gunicorn bind port.", default=8080)
     workers: int = _setting("WORKERS", int, "gunicorn worker processes.", default=1)
@@ -427,6 +435,7 @@ class Settings:
             ),
             (self.moderate_max_bytes >= 1024, f"{PREFIX}MODERATE_MAX_BYTES must be >= 1024"),
             (self.moderate_max_pixels >= 1, f"{PREFIX}MODERATE_MAX_PIXELS must be >= 1"),
+            (self.moderate_max_in_flight >= 1, f"{PREFIX}MODERATE_MAX_IN_FLIGHT must be >= 1"),
             (0 < self.port < 65536, f"{PREFIX}PORT must be in 1..65535"),
             (self.workers >= 1, f"{PREFIX}WORKERS must be >= 1"),
             (self.threads >= 1, f"{PREFIX}THREADS must be >= 1"),

@@ -49,7 +49,8 @@ def moderate_image() -> Any:
     # Images are larger than /generate's bodies: this endpoint has its own limit.
     request.max_content_length = limit
     if request.mimetype == "multipart/form-data":
-        req = check_moderate_form(request.form, request.files, svc.settings)
+        boundary = request.mimetype_params.get("boundary")
+        req = check_moderate_form(request.stream, boundary, svc.settings)
     else:
         req = check_moderate_json(_read_body(limit), request.content_type, svc.settings)
     return jsonify({"data": to_json(moderate(svc, req).data)})

@@ -2,12 +2,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.imaging import ImageRejected, decode_image, encode_jpeg
+from export.nsfw import DEFAULT_OUTPUT, load_served_module, sample_images
+from gateway.imaging import (
+    MAX_JPEG_SCANS,
+    REDUCED_SIDE,
+    ImageRejected,
+    decode_image,
+    encode_jpeg,
+)
 
 
 def gradient(height: int, width: int) -> np.ndarray:
@@ -108,3 +116,88 @@ def test_the_pixel_limit_holds() -> None:
     assert decode_image(data, 2400).width == 60
     with pytest.raises(ImageRejected, match="60×40 pixels; the limit is 2399"):
         decode_image(data, 2399)
+
+
+def progressive(pixels: np.ndarray, extra_scans: int = 0, app15: bytes = b"") -> bytes:
+    """A progressive JPEG (libjpeg's script: 10 scans), `extra_scans` copies of its last scan
+    added, and an APP15 segment holding `app15` after SOI."""
+    data = encoded(pixels, "JPEG", quality=90, progressive=True)
+    end = data.rindex(b"\xff\xd9")
+    last_scan = data.rindex(b"\xff\xda", 0, end)
+    data = data[:end] + data[last_scan:end] * extra_scans + data[end:]
+    segment = b"\xff\xef" + (len(app15) + 2).to_bytes(2, "big") + app15 if app15 else b""
+    return data[:2] + segment + data[2:]
+
+
+def test_a_jpeg_may_have_up_to_max_jpeg_scans() -> None:
+    pixels = gradient(64, 64)
+    assert progressive(pixels).count(b"\xff\xda") == 10
+    at_cap = progressive(pixels, MAX_JPEG_SCANS - 10)
+    assert decode_image(at_cap, 64 * 64).pixels.shape == (64, 64, 3)
+    with pytest.raises(ImageRejected, match=f"more than {MAX_JPEG_SCANS} scans"):
+        decode_image(progressive(pixels, MAX_JPEG_SCANS - 9), 64 * 64)
+
+
+def test_scans_are_counted_by_walking_the_markers_not_by_searching_the_bytes() -> None:
+    # Metadata may hold the bytes of a scan marker (an EXIF thumbnail is a whole JPEG): a
+    # segment's length skips it, so only the image's own scans count.
+    data = progressive(gradient(64, 64), app15=b"\xff\xda" * 1000)
+    assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
+    assert decode_image(data, 64 * 64).pixels.shape == (64, 64, 3)
+
+
+def test_a_jpeg_of_endless_markers_is_refused() -> None:
+    data = encoded(gradient(8, 8), "JPEG")
+    comments = b"\xff\xfe\x00\x02" * 5000  # empty COM segments
+    with pytest.raises(ImageRejected, match="more than 1024 markers"):
+        decode_image(data[:2] + comments + data[2:], 64)
+
+
+@pytest.mark.parametrize(
+    ("image_format", "size", "reduced"),
+    [
+        ("PNG", (4000, 3000), (500, 500)),  # divided by 8 and 6: both sides still >= 448
+        ("JPEG", (4096, 4096), (512, 512)),  # libjpeg's 1/8 scale, while decoding
+        ("WEBP", (1800, 900), (450, 450)),
+        ("PNG", (9000, 300), (450, 300)),  # each side on its own; a short side is kept
+        ("PNG", (895, 895), (895, 895)),  # below twice REDUCED_SIDE: kept as it is
+    ],
+)
+def test_large_images_are_reduced_while_decoding_and_keep_their_own_size(
+    image_format: str, size: tuple[int, int], reduced: tuple[int, int]
+) -> None:
+    data = encoded(np.zeros((size[1], size[0], 3), np.uint8), image_format)
+    decoded = decode_image(data, size[0] * size[1])
+    assert (decoded.width, decoded.height) == size
+    assert decoded.pixels.shape == (reduced[1], reduced[0], 3)
+    assert min(reduced) >= min(REDUCED_SIDE, *size)
+    full = decode_image(data, size[0] * size[1], reduce_to=None)
+    assert full.pixels.shape == (size[1], size[0], 3)
+
+
+def test_reduction_and_rotation_together() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encoded(np.zeros((1000, 3000, 3), np.uint8), "PNG", exif=exif.tobytes())
+    decoded = decode_image(data, 3000 * 1000)
+    assert (decoded.width, decoded.height) == (1000, 3000)  # upright
+    assert decoded.pixels.shape == (500, 500, 3)  # 3000/6 × 1000/2, turned
+
+
+def test_the_classifier_sees_nearly_what_the_full_image_would_give_it() -> None:
+    # The served preprocessing (bilinear to 224×224, normalised to [-1, 1]) of the reduced image
+    # against that of the full one: within 0.02 on average, about 2.5 of 255 levels.
+    preprocess = load_served_module("preprocess")
+    spec = json.loads((DEFAULT_OUTPUT / "nsfw.json").read_text())
+    model_input = preprocess.Preprocessor(spec)
+    for pixels in sample_images(seed=11)[:4]:
+        big = Image.fromarray(pixels).resize((2400, 1800), Image.BICUBIC)
+        for image_format, options in (("PNG", {"compress_level": 1}), ("JPEG", {"quality": 92})):
+            out = io.BytesIO()
+            big.save(out, format=image_format, **options)
+            data = out.getvalue()
+            full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            reduced = decode_image(data, 2400 * 1800).pixels
+            assert max(reduced.shape) <= 600
+            difference = np.abs(model_input([full]) - model_input([reduced]))
+            assert difference.mean() < 0.02, (pixels.shape, image_format, difference.mean())
