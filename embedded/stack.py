@@ -167,7 +167,7 @@ class LocalStack:
             "GATEWAY_UPLOAD_ALLOWED_HOSTS",
             f"http://{self.front.hostport}"
             if self.front
-            else f"http://127.0.0.1:{self.s3.port},http://localhost:{self.s3.port}",
+            else f"http://127.0.0.1:{self.s3.port}",
         )
         env.setdefault("GATEWAY_HOST", host)
         env.setdefault("GATEWAY_PORT", str(self.ports.gateway))

@@ -59,6 +59,7 @@ def create_app(config: Settings | None = None) -> Flask:
         uploader=Uploader(
             policy=RetryPolicy(backoff=settings.upload_backoff),
             timeout_s=settings.upload_timeout_s,
+            budget_s=settings.upload_budget_s,
             headers=settings.upload_headers,
             ssl_context=_ssl_context(settings.upload_ca_bundle),
             metrics=metrics,

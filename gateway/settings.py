@@ -208,8 +208,9 @@ class Settings:
         _parse_hosts,
         "Comma list of `host[:port]` the gateway may PUT to, over https only unless the entry "
         "starts with `http://`; without a port, ports 80/443 only. `*.suffix` matches "
-        "subdomains, `*` any public host; wildcards never reach loopback, private or link-local "
-        "addresses (list such hosts exactly). Empty: every upload is refused.",
+        "subdomains, `*` any public host. Host names, exact or wildcard, reach public addresses "
+        "only; an entry that is an IP literal (`http://10.0.0.5:9000`, `[fd00::5]`) may reach "
+        "that loopback or private address. Empty: every upload is refused.",
         default=(),
     )
     upload_backoff: tuple[float, ...] = _setting(
@@ -219,7 +220,19 @@ class Settings:
         default=(1.0, 2.0, 4.0),
     )
     upload_timeout_s: float = _setting(
-        "UPLOAD_TIMEOUT_S", float, "Timeout of each PUT attempt (seconds).", default=10.0
+        "UPLOAD_TIMEOUT_S",
+        float,
+        "Deadline of each PUT attempt, connect to response (seconds): storage that answers "
+        "slowly, even a byte at a time, is cut off at it and the attempt counts as a timeout.",
+        default=10.0,
+    )
+    upload_budget_s: float | None = _setting(
+        "UPLOAD_BUDGET_S",
+        _parse_optional_float,
+        "Longest one upload may take, every attempt and backoff included (seconds); no attempt "
+        "starts or runs past it. Empty: UPLOAD_BACKOFF's attempts × UPLOAD_TIMEOUT_S plus its "
+        "backoffs (47 by default).",
+        default=None,
     )
     upload_headers: tuple[tuple[str, str], ...] = _setting(
         "UPLOAD_HEADERS",
@@ -414,6 +427,10 @@ class Settings:
             (self.retry_after_s >= 0, f"{PREFIX}RETRY_AFTER_S must be >= 0"),
             (1 <= self.jpeg_quality <= 95, f"{PREFIX}JPEG_QUALITY must be in 1..95"),
             (self.upload_timeout_s > 0, f"{PREFIX}UPLOAD_TIMEOUT_S must be > 0"),
+            (
+                self.upload_budget_s is None or self.upload_budget_s > 0,
+                f"{PREFIX}UPLOAD_BUDGET_S must be > 0",
+            ),
             (self.max_body_bytes >= 1024, f"{PREFIX}MAX_BODY_BYTES must be >= 1024"),
             (self.max_prompt_chars >= 1, f"{PREFIX}MAX_PROMPT_CHARS must be >= 1"),
             (

@@ -2,9 +2,9 @@
 
 The uploader connects to these addresses and to nothing else, for every attempt, so a name that
 resolves somewhere else a moment later (DNS rebinding) cannot move the PUT onto an internal
-service. Exact allowlist entries may reach loopback and private addresses (the operator named the
-host); wildcard matches reach public addresses only. Unspecified and multicast addresses are
-never reached.
+service. Allowlist entries that are IP literals may reach loopback and private addresses (the
+operator named the address itself); host names, exact or wildcard, reach public addresses only.
+Unspecified and multicast addresses are never reached.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def refusal(address: IPAddress, *, exact: bool) -> str | None:
             return "a loopback address"
         if a.is_link_local:
             return "a link-local address"
-        if not a.is_global or a.is_reserved:
+        if not a.is_global or a.is_reserved or _site_local(a):
             return "a private or reserved address"
     return None
 
@@ -87,7 +87,7 @@ def pin(
             hint = (
                 ""
                 if target.exact
-                else " (only hosts listed exactly in GATEWAY_UPLOAD_ALLOWED_HOSTS may)"
+                else " (only addresses listed as IP literals in GATEWAY_UPLOAD_ALLOWED_HOSTS may)"
             )
             raise InvalidRequest(
                 f"the host of {field} resolves to {reason}, which the gateway does not upload "
@@ -99,6 +99,11 @@ def pin(
 
 def _address(text: str) -> IPAddress:
     return ipaddress.ip_address(text.split("%", 1)[0])  # a scope id (fe80::1%eth0) is not part
+
+
+def _site_local(address: IPAddress) -> bool:
+    # fec0::/10 (deprecated, RFC 3879, yet routed inside some networks) is global to `ipaddress`.
+    return isinstance(address, ipaddress.IPv6Address) and address.is_site_local
 
 
 def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:

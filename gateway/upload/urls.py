@@ -82,8 +82,9 @@ class UploadUrl:
 class AllowedUrl(UploadUrl):
     """An `UploadUrl` that `GATEWAY_UPLOAD_ALLOWED_HOSTS` lets through."""
 
-    # The allowlist names this host exactly, so it may have loopback or private addresses
-    # (wildcard matches may not).
+    # The allowlist names this host's address exactly, as an IP literal: the operator's explicit
+    # escape hatch to loopback or private storage. A host *name* listed exactly is not one: what
+    # it resolves to is not the operator's to vouch for, so it gets the wildcards' checks.
     exact: bool
 
 
@@ -140,7 +141,7 @@ def check_upload_url(
                 f"points to a host the gateway may not upload to ({target.host}:{target.port})"
             )
         raise InvalidRequest(f"{field} {reason}; see GATEWAY_UPLOAD_ALLOWED_HOSTS", field=field)
-    return AllowedUrl(**vars(target), exact=permit == "exact")
+    return AllowedUrl(**vars(target), exact=permit == "exact" and not _is_hostname(target.host))
 
 
 def host_allowed(
@@ -151,7 +152,8 @@ def host_allowed(
     Entries are `[http://]host[:port]`, `[http://]*.suffix[:port]` or `[http://]*[:port]`.
     https is always required unless the entry starts with `http://`. Without a port an entry
     allows the scheme's default ports (80, 443) only, so naming a host never opens its other
-    services. Only an exact entry may later reach loopback or private addresses.
+    services. Only an exact entry that is an IP literal may later reach loopback or private
+    addresses.
     """
     found: Literal["wildcard"] | None = None
     for entry in allowed:

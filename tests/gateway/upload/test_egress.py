@@ -22,7 +22,13 @@ from gateway.errors import InvalidRequest, Unavailable
 from gateway.retry import RetryPolicy
 from gateway.upload.egress import pin, refusal, system_resolve
 from gateway.upload.uploader import Uploader
-from gateway.upload.urls import UploadUrl, check_upload_url, rewrite_url
+from gateway.upload.urls import (
+    AllowedUrl,
+    UploadUrl,
+    check_upload_url,
+    parse_upload_url,
+    rewrite_url,
+)
 from tests.gateway.faults import FaultServer, Trap
 
 BODY = b"\xff\xd8\xff" + b"jpeg" * 100
@@ -58,6 +64,8 @@ class Resolver:
         ("192.168.1.1", False, "private"),
         ("100.64.0.1", False, "private"),  # carrier-grade NAT
         ("fc00::1", False, "private"),
+        ("fec0::1", False, "private or reserved"),  # site-local: `ipaddress` calls it global
+        ("fec0::1", True, None),  # listed exactly, as an IP literal
         ("169.254.169.254", False, "link-local"),  # cloud metadata
         ("fe80::1", False, "link-local"),
         ("240.0.0.1", False, "private or reserved"),
@@ -81,6 +89,12 @@ def target(url: str, allowed: tuple[str, ...]) -> UploadUrl:
     return check_upload_url(url, allowed)
 
 
+def vouched(url: str) -> AllowedUrl:
+    """`url` let through with the trust an IP-literal entry gives: these tests' host names stand
+    for public storage, yet resolve to loopback, where their servers listen."""
+    return AllowedUrl(**vars(parse_upload_url(url)), exact=True)
+
+
 def test_a_wildcard_host_that_resolves_to_loopback_is_refused() -> None:
     with pytest.raises(InvalidRequest) as err:
         pin(target("https://a.storage.test/1.png", ("*.storage.test",)), resolve=Resolver(["127.0.0.1"]))
@@ -94,13 +108,28 @@ def test_every_address_is_checked_not_just_the_first() -> None:
         pin(target("https://a.storage.test/1.png", ("*",)), resolve=resolve)
 
 
-def test_an_exact_entry_may_reach_loopback_and_the_addresses_are_kept() -> None:
-    pinned = pin(
+def test_an_ip_literal_entry_may_reach_loopback_and_the_addresses_are_kept() -> None:
+    for host, entry in (("[::1]", "http://[::1]:9000"), ("127.0.0.1", "http://127.0.0.1:9000")):
+        pinned = pin(target(f"http://{host}:9000/1.png", (entry,)), resolve=system_resolve)
+        assert pinned.addresses == (host.strip("[]"),)
+        assert rewrite_url(pinned, MD5, "rewrite").addresses == pinned.addresses
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "10.0.0.8", "169.254.169.254", "fec0::1"])
+def test_a_host_name_listed_exactly_keeps_the_private_address_checks(address: str) -> None:
+    # Only an IP literal is the operator vouching for an address; a name resolves wherever its
+    # DNS says, so it gets the same checks as a wildcard.
+    with pytest.raises(InvalidRequest) as err:
+        pin(
+            target("http://storage.test:9000/1.png", ("http://storage.test:9000",)),
+            resolve=Resolver([address]),
+        )
+    assert err.value.field == "s3_prefix" and "IP literals" in err.value.message
+    public = pin(
         target("http://storage.test:9000/1.png", ("http://storage.test:9000",)),
-        resolve=Resolver(["::1", "127.0.0.1"]),
+        resolve=Resolver(["93.184.215.14"]),
     )
-    assert pinned.addresses == ("::1", "127.0.0.1")
-    assert rewrite_url(pinned, MD5, "rewrite").addresses == pinned.addresses
+    assert public.addresses == ("93.184.215.14",)
 
 
 def test_names_that_do_not_resolve_are_400_and_a_dns_outage_is_503() -> None:
@@ -132,7 +161,7 @@ def test_dns_rebinding_cannot_move_the_upload(fault_server: FaultServer) -> None
     try:
         resolve = Resolver(["127.0.0.1"], ["127.0.0.2"])
         url = f"http://rebind.test:{fault_server.port}/b/1.png?Signature=x"
-        pinned = pin(target(url, (f"http://rebind.test:{fault_server.port}",)), resolve=resolve)
+        pinned = pin(vouched(url), resolve=resolve)
         fault_server.set_script(503, 503, 200)
         result = Uploader(policy=FAST, timeout_s=2).put(rewrite_url(pinned, MD5, "rewrite"), BODY, MD5)
         assert result.ok and len(result.attempts) == 3
@@ -149,10 +178,7 @@ def test_dns_rebinding_cannot_move_the_upload(fault_server: FaultServer) -> None
 def test_the_next_checked_address_is_tried_when_one_refuses(fault_server: FaultServer) -> None:
     # Nothing listens on 127.0.0.3 at the fault server's port: refused, then 127.0.0.1 answers.
     url = f"http://two.test:{fault_server.port}/b/1.png"
-    pinned = pin(
-        target(url, (f"http://two.test:{fault_server.port}",)),
-        resolve=Resolver(["127.0.0.3", "127.0.0.1"]),
-    )
+    pinned = pin(vouched(url), resolve=Resolver(["127.0.0.3", "127.0.0.1"]))
     result = Uploader(policy=RetryPolicy(backoff=()), timeout_s=2).put(pinned, BODY, MD5)
     assert result.ok and len(fault_server.requests) == 1
 
@@ -225,7 +251,7 @@ def test_https_goes_to_the_checked_address_with_sni_and_certificate_of_the_name(
     server = https_server(pki.server_context("storage.test"), sni)
     try:
         url = f"https://storage.test:{server.port}/b/1.png?Signature=%2Bx"
-        pinned = pin(target(url, (f"storage.test:{server.port}",)), resolve=Resolver(["127.0.0.1"]))
+        pinned = pin(vouched(url), resolve=Resolver(["127.0.0.1"]))
         uploader = Uploader(policy=FAST, timeout_s=2, ssl_context=pki.client_context())
         result = uploader.put(rewrite_url(pinned, MD5, "rewrite"), BODY, MD5)
         assert result.ok, result.attempts
@@ -243,7 +269,7 @@ def test_a_certificate_for_another_name_fails_and_is_not_retried(pki: Pki) -> No
     server = https_server(pki.server_context("other.test"), sni)
     try:
         url = f"https://storage.test:{server.port}/b/1.png"
-        pinned = pin(target(url, (f"storage.test:{server.port}",)), resolve=Resolver(["127.0.0.1"]))
+        pinned = pin(vouched(url), resolve=Resolver(["127.0.0.1"]))
         uploader = Uploader(policy=FAST, timeout_s=2, ssl_context=pki.client_context())
         result = uploader.put(pinned, BODY, MD5)
         assert not result.ok
