@@ -19,6 +19,7 @@ from gateway.limits import LimitsSource
 from gateway.logs import track_request_ids
 from gateway.metrics import Metrics
 from gateway.nvidia.deepfake import DeepfakeClient
+from gateway.readiness import ReadinessCache
 from gateway.retry import RetryPolicy
 from gateway.services import Services
 from gateway.settings import Settings
@@ -65,6 +66,9 @@ def create_app(config: Settings | None = None) -> Flask:
             metrics=metrics,
         ),
         deepfake=_deepfake_client(settings, metrics),
+    )
+    app.extensions["gateway_readiness"] = ReadinessCache(
+        app.extensions["gateway"], settings.ready_cache_s
     )
     register_error_handlers(app)
     # In this order: a refused request still gets its request id, and an anonymous one never

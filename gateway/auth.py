@@ -13,7 +13,7 @@ import hmac
 import logging
 from pathlib import Path
 
-from flask import Flask, request
+from flask import Flask, g, request
 
 from gateway.errors import Unauthorized
 from gateway.settings import PREFIX, Settings, SettingsError, parse_api_keys
@@ -68,15 +68,21 @@ def require_api_key(app: Flask, keys: ApiKeys) -> None:
             PREFIX,
             PREFIX,
         )
-        return
 
     @app.before_request
     def _authenticate() -> None:
+        # Without keys every caller is a client, as for /generate itself.
+        g.api_client = not keys.enabled or keys.accepts(request.headers.get("Authorization"))
         # Unknown paths too (endpoint None): an anonymous client learns nothing about routes.
-        if request.endpoint in OPEN_ENDPOINTS:
+        if g.api_client or request.endpoint in OPEN_ENDPOINTS:
             return
-        if not keys.accepts(request.headers.get("Authorization")):
-            raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
+        raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
+
+
+def is_api_client() -> bool:
+    """Whether this request carries a valid API key (always, with no key configured): what the
+    open endpoints show only to clients depends on it."""
+    return bool(g.get("api_client", False))
 
 
 def _digest(key: str) -> bytes:

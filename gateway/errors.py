@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, jsonify
+from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException
 
 from gateway.schema import described, to_json
@@ -152,6 +153,15 @@ def register_error_handlers(app: Flask) -> None:
             if allow:
                 response.headers["Allow"] = allow
         return response
+
+    @app.errorhandler(ParseException)
+    @app.errorhandler(NoMoreData)
+    def _unreadable_body(_error: Exception) -> Response:
+        # gunicorn parses a chunked body only as the view reads it, so a client's broken
+        # framing (a chunk size that is not hex, a missing CRLF, a body cut short) surfaces here.
+        return error_response(
+            InvalidRequest("the request body is malformed: its chunked encoding cannot be read")
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:

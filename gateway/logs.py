@@ -34,7 +34,13 @@ _SECRETS = [
         r"\1[redacted]",
     ),
     (re.compile(r"(bearer\s+)[^\s\"',]+", re.IGNORECASE), r"\1[redacted]"),
+    # gunicorn's error log quotes a header line it could not parse whole: without a colon,
+    # nothing tells its name from its value (`Authorization<TAB><key>`), so none of it stays.
+    (re.compile(r"(invalid http header(?: name)?: ).+", re.IGNORECASE), r"\1[redacted]"),
 ]
+# Characters JSON leaves as they are but line-oriented readers split on (Python's splitlines,
+# JavaScript): escaped, one record stays one line whatever a prompt holds.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 # gunicorn's access-log atoms worth a field each. Never the whole atom dict: it holds every
@@ -88,7 +94,8 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         # Redacted value by value, before encoding: a pattern must never cut a JSON escape.
         clean = {k: redact(v) if isinstance(v, str) else v for k, v in entry.items()}
-        return json.dumps(clean, default=lambda v: redact(str(v)), ensure_ascii=False)
+        text = json.dumps(clean, default=lambda v: redact(str(v)), ensure_ascii=False)
+        return text.translate(_LINE_BREAKERS)
 
 
 def logging_config(level: str) -> dict[str, Any]:

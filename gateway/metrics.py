@@ -33,6 +33,8 @@ from prometheus_client import (
 
 from gateway.triton.contract import NsfwStatus
 from gateway.vocabulary import (
+    HTTP_METHODS,
+    OTHER_METHOD,
     ApiOutcome,
     AssetResult,
     DeepfakeStatus,
@@ -155,7 +157,8 @@ class Metrics:
         self._addresses_lock = threading.Lock()
         self._http_requests = Counter(
             "gateway_http_requests",
-            "HTTP requests answered, by endpoint and status code.",
+            "HTTP requests answered, by endpoint (the route pattern, or unmatched), method (HTTP's "
+            f"own, or {OTHER_METHOD}) and status code.",
             ["endpoint", "method", "status"],
             registry=self.registry,
         )
@@ -299,8 +302,10 @@ class Metrics:
     # -- the app and the use cases ---------------------------------------------------------
 
     def http_answered(self, endpoint: str, method: str, status: int, seconds: float | None) -> None:
-        """One HTTP answer; `endpoint` is the route pattern (never the raw path) and `seconds`
-        None when the request never reached the app's timer."""
+        """One HTTP answer; `endpoint` is the route pattern (never the raw path), `method` is
+        counted as `other` unless HTTP defines it, and `seconds` is None when the request never
+        reached the app's timer."""
+        method = method if method in HTTP_METHODS else OTHER_METHOD
         self._http_requests.labels(endpoint, method, str(status)).inc()
         if seconds is not None:
             self._http_latency.labels(endpoint).observe(seconds)

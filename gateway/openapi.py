@@ -11,7 +11,7 @@ from gateway.fields import object_schema
 from gateway.generate import B64Data, ResponseFormat, S3Data, request_fields
 from gateway.limits import GenerationLimits
 from gateway.moderate import ModerateData, moderate_fields
-from gateway.readiness import Readiness
+from gateway.readiness import PublicReadiness, Readiness
 from gateway.schema import ref, schemas
 from gateway.settings import Settings
 
@@ -93,7 +93,7 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
             },
         },
     }
-    responses = schemas(S3Data, B64Data, ModerateData, ErrorBody, Readiness)
+    responses = schemas(S3Data, B64Data, ModerateData, ErrorBody, Readiness, PublicReadiness)
     # errors.py cannot name the use case's type: the data block of upload_failed is S3Data's.
     error_data = responses["ErrorBody"]["properties"]["data"]
     responses["ErrorBody"]["properties"]["data"] = {**ref(S3Data), **error_data}
@@ -183,11 +183,14 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                                  "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {
                 "get": {
-                    "summary": "Triton and both ensembles ready; which models (demo or real) are loaded.",
+                    "summary": "Triton and both ensembles ready; which models (demo or real) are "
+                    "loaded. Replicas, weight sources, limits and problems only with an API key.",
                     "responses": {
                         code: {
                             "description": text,
-                            "content": {"application/json": {"schema": ref(Readiness)}},
+                            "content": {"application/json": {"schema": {
+                                "oneOf": [ref(Readiness), ref(PublicReadiness)]
+                            }}},
                         }
                         for code, text in (("200", "Ready."), ("503", "Not ready."))
                     },

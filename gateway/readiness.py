@@ -3,11 +3,18 @@
 Ready means some Triton replica is live and ready with both ensembles the gateway calls ready,
 and the limits in use let some request through. Each replica's own state is listed too. The answer also says which weights each model serves
 (Triton's `imagegen_model_info` gauge) and the limits /generate validates with.
+
+Asking costs a round of gRPC calls to every replica and a scrape of Triton's metrics, and the
+endpoint is open: `ReadinessCache` answers every caller of one process from one such round for
+GATEWAY_READY_CACHE_S. Addresses and weight paths are for API clients only (`PublicReadiness`
+is what the rest see).
 """
 
 from __future__ import annotations
 
 import enum
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,3 +112,38 @@ def check_readiness(services: Services) -> Readiness:
         limits=limits,
         problems=problems,
     )
+
+
+@dataclass(frozen=True)
+class PublicReadiness:
+    """Whether this gateway can serve /generate, for a caller without an API key: no address,
+    no weight path, no problem text (which may name either)."""
+
+    status: ReadinessStatus = described("ready: 200; not_ready: 503.")
+    models: dict[str, ModelState] = described("Ensembles and whether each is ready.")
+    demo: bool | None = described(
+        "True when any model runs random demo weights (images are noise); null if unknown."
+    )
+
+    @classmethod
+    def of(cls, state: Readiness) -> PublicReadiness:
+        return cls(status=state.status, models=state.models, demo=state.demo)
+
+
+class ReadinessCache:
+    """One readiness check shared by every caller of this process for `max_age_s`: callers that
+    arrive while it runs wait for its answer rather than starting their own."""
+
+    def __init__(self, services: Services, max_age_s: float) -> None:
+        self._services = services
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._state: Readiness | None = None
+        self._checked = 0.0
+
+    def current(self) -> Readiness:
+        with self._lock:
+            if self._state is None or time.monotonic() - self._checked >= self._max_age_s:
+                self._state = check_readiness(self._services)
+                self._checked = time.monotonic()
+            return self._state

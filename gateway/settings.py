@@ -187,6 +187,13 @@ class Settings:
         "Timeout of each Triton probe made by `/readyz` (seconds).",
         default=2.0,
     )
+    ready_cache_s: float = _setting(
+        "READY_CACHE_S",
+        float,
+        "How long one `/readyz` check (a round of Triton probes and a metrics scrape) answers "
+        "every caller of a process (seconds); 0: each call checks.",
+        default=1.0,
+    )
     retry_after_s: int = _setting(
         "RETRY_AFTER_S",
         int,
@@ -424,6 +431,7 @@ class Settings:
             ),
             (self.triton_deadline_s > 0, f"{PREFIX}TRITON_DEADLINE_S must be > 0"),
             (self.probe_timeout_s > 0, f"{PREFIX}PROBE_TIMEOUT_S must be > 0"),
+            (0 <= self.ready_cache_s <= 60, f"{PREFIX}READY_CACHE_S must be in 0..60"),
             (self.retry_after_s >= 0, f"{PREFIX}RETRY_AFTER_S must be >= 0"),
             (1 <= self.jpeg_quality <= 95, f"{PREFIX}JPEG_QUALITY must be in 1..95"),
             (self.upload_timeout_s > 0, f"{PREFIX}UPLOAD_TIMEOUT_S must be > 0"),

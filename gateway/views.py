@@ -6,12 +6,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from gateway.auth import is_api_client
 from gateway.errors import PayloadTooLarge, UploadFailed
 from gateway.fields import parse_body
 from gateway.generate import check_inputs, generate
 from gateway.moderate import body_limit, check_moderate_form, check_moderate_json, moderate
 from gateway.openapi import build_openapi
-from gateway.readiness import check_readiness
+from gateway.readiness import PublicReadiness
 from gateway.schema import to_json
 from gateway.services import Services
 
@@ -64,8 +65,8 @@ def healthz() -> Any:
 @bp.get("/readyz")
 def readyz() -> Any:
     svc = services()
-    state = check_readiness(svc)
-    response = jsonify(to_json(state))
+    state = current_app.extensions["gateway_readiness"].current()
+    response = jsonify(to_json(state if is_api_client() else PublicReadiness.of(state)))
     response.status_code = 200 if state.ready else 503
     if not state.ready:
         response.headers["Retry-After"] = str(svc.settings.retry_after_s)

@@ -90,3 +90,12 @@ class AssetResult(str, enum.Enum):
     CREATE_FAILED = "create_failed"  # NVIDIA refused or failed to create the asset
     UPLOAD_FAILED = "upload_failed"  # the presigned URL refused or failed the bytes
     TIMEOUT = "timeout"  # the budget ran out on the way
+
+
+# The `method` label of gateway_http_requests_total: HTTP's own methods (RFC 9110, and PATCH);
+# any other token a client sends, which gunicorn lets through, counts as OTHER_METHOD, so made-up
+# methods cannot mint series.
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+OTHER_METHOD = "other"

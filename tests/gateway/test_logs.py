@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,26 @@ def test_the_logs_of_full_requests_hold_no_signature_and_no_key(
     statuses = [a["status"] for a in accesses if a["path"] == "/generate"]
     assert sorted(statuses) == sorted([200, 401, 400]), statuses
     assert any("NO API KEYS" in line["message"] for line in lines) is False
+
+
+def test_line_separators_in_a_prompt_stay_inside_one_line() -> None:
+    # JSON leaves U+0085, U+2028 and U+2029 as they are; splitlines() and JavaScript break there.
+    prompt = "first\u2028second\u2029third\x85fourth, é and 日本"
+    line = JsonFormatter().format(record("generated", prompt=prompt))
+    assert line.splitlines() == [line]
+    assert json.loads(line)["prompt"] == prompt
+    assert "é and 日本" in line  # other characters stay readable
+
+
+def test_a_header_line_without_a_colon_never_reaches_the_log(tmp_path: Path) -> None:
+    secret = "s3cr3t-" + "x" * 24
+    gateway = GunicornGateway(tmp_path / "gateway.log", TRITON_URL="127.0.0.1:1")
+    with gateway:
+        for line in (f"Authorization\t{secret}", f"X-Api-Key {secret}", f"{secret}"):
+            with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+                sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: t\r\n{line}\r\n\r\n".encode())
+                answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    refused = [line for line in gateway.log_lines() if "Invalid request" in line["message"]]
+    assert len(refused) == 3 and all("[redacted]" in line["message"] for line in refused), refused
+    assert secret not in gateway.output()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import re
+import socket
+import string
 import subprocess
 import sys
 import threading
@@ -30,6 +33,8 @@ from gateway.metrics import (
     Recorder,
 )
 from gateway.vocabulary import (
+    HTTP_METHODS,
+    OTHER_METHOD,
     ApiOutcome,
     AssetResult,
     DeepfakeStatus,
@@ -246,3 +251,45 @@ def test_gunicorn_with_two_workers_reports_totals_summed_over_workers(tmp_path: 
             server.kill()
             server.wait()
         log.close()
+
+
+def test_made_up_methods_and_paths_add_no_series(tmp_path: Path) -> None:
+    """gunicorn takes any 3-20 capital letters as a method: 1,000 requests with made-up ones,
+    to known and unknown paths, all land in series that exist after the first of them."""
+    from tests.gateway.process import GunicornGateway
+
+    def series(text: str) -> set[tuple[str, frozenset[tuple[str, str]]]]:
+        return set(samples(text))
+
+    def send(method: str, path: str) -> None:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+            while sock.recv(65536):
+                pass
+
+    paths = ("/healthz", "/generate", "/no/such/path")
+    rng = random.Random(7)
+    made_up = {"".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 20))) for _ in range(1100)}
+    methods = sorted(made_up - HTTP_METHODS)[:1000]
+    gateway = GunicornGateway(tmp_path / "gunicorn.log", WORKERS="2", TRITON_URL=f"127.0.0.1:{free_port()}")
+    with gateway:
+        for path in paths:  # the first made-up method on each path makes its `other` series
+            send("MADEUP", path)
+        _scrape(gateway.url)  # a scrape is counted after it answers: the next one shows it
+        before = series(_scrape(gateway.url))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: send(methods[i], paths[i % len(paths)]), range(len(methods))))
+        text = _scrape(gateway.url)
+    assert series(text) == before
+    http = {dict(labels)["method"] for name, labels in before if name == "gateway_http_requests_total"}
+    assert http <= HTTP_METHODS | {OTHER_METHOD} and OTHER_METHOD in http
+    counted = sum(
+        v for (name, labels), v in samples(text).items()
+        if name == "gateway_http_requests_total" and dict(labels)["method"] == OTHER_METHOD
+    )
+    assert counted == len(methods) + len(paths)
+
+
+def _scrape(base: str) -> str:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+        return resp.read().decode()

@@ -88,6 +88,7 @@ def test_triton_down_then_back(make_app: Any, tmp_path: Path) -> None:
         triton_url=own.grpc_url,
         triton_metrics_url=own.metrics_url,
         probe_timeout_s=1.0,
+        ready_cache_s=0.0,  # each call asks Triton again
     )
     client = make_app(settings).test_client()
     body = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 2,
@@ -110,3 +111,44 @@ def test_triton_down_then_back(make_app: Any, tmp_path: Path) -> None:
         assert client.post("/generate", json=body).status_code == 200
     finally:
         own.stop()
+
+
+API_KEY = "readiness-test-key-0123456789"
+
+
+def test_without_a_key_the_body_names_no_address_and_no_path(
+    make_app: Any, triton_settings: Settings, triton: Any
+) -> None:
+    client = make_app(triton_settings.replace(api_keys=(API_KEY,))).test_client()
+    public = client.get("/readyz")
+    detailed = client.get("/readyz", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert public.status_code == detailed.status_code == 200
+    assert public.json == {
+        "status": "ready",
+        "models": {"txt2img": {"ready": True}, "txt2img_nsfw": {"ready": True}},
+        "demo": True,
+    }
+    text = public.get_data(as_text=True)
+    for secret in (f":{triton.grpc_port}", f":{triton.metrics_port}", "127.0.0.1", "/"):
+        assert secret not in text, secret
+    # With the key, everything an operator reads: replicas, weight sources, limits.
+    body = detailed.json
+    assert body["triton"]["replicas"] and Path(body["loaded"]["nsfw"]["source"]).is_absolute()
+    assert body["limits"]["max_steps"] >= 1
+    # A wrong key is no key: the public body, not a 401 (probes carry none).
+    wrong = client.get("/readyz", headers={"Authorization": "Bearer not-the-key-0123456789"})
+    assert wrong.status_code == 200 and wrong.json == public.json
+
+
+def test_one_check_answers_every_call_within_the_cache_time(
+    make_app: Any, base_settings: Settings, fault_server: Any
+) -> None:
+    # Triton's metrics endpoint is the fault server here: each check scrapes it once.
+    settings = base_settings.replace(triton_metrics_url=f"{fault_server.url}/metrics")
+    cached = make_app(settings.replace(ready_cache_s=60.0)).test_client()
+    assert {cached.get("/readyz").status_code for _ in range(10)} == {503}
+    assert len(fault_server.requests) == 1
+    uncached = make_app(settings.replace(ready_cache_s=0.0)).test_client()
+    for _ in range(10):
+        uncached.get("/readyz")
+    assert len(fault_server.requests) == 11

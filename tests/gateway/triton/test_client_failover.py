@@ -272,6 +272,7 @@ def test_readyz_is_ready_while_one_replica_is_and_lists_each(
         triton_url="ipv4:" + ",".join(replicas.address(h) for h in replicas.scripts),
         triton_metrics_url=f"http://127.0.0.1:{free_port()}/metrics",
         probe_timeout_s=2.0,
+        ready_cache_s=0.0,  # each call asks the replicas again
     )
     client = make_app(settings).test_client()
     a, b = replicas["127.0.0.2"], replicas["127.0.0.3"]
