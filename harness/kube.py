@@ -307,7 +307,8 @@ def triton_problems(rendered: Rendered, shape: str) -> list[str]:
     # model control mode and the exit timeout: a SIGTERM unloads the ensembles and waits up to
     # TRITON_DRAIN_TIMEOUT_S for their requests, then Triton waits TRITON_EXIT_TIMEOUT_S more.
     env_values = {e["name"]: e.get("value") for e in container.get("env", [])}
-    for owned in ("exit-timeout-secs", "model-control-mode"):
+    for owned in ("exit-timeout-secs", "model-control-mode", "http-restricted-api",
+                  "grpc-restricted-protocol"):
         if owned in flags:
             problems.append(f"--{owned} is the drain supervisor's (set by the entrypoint)")
     drain = float(env_values.get("TRITON_DRAIN_TIMEOUT_S") or 130)
