@@ -102,6 +102,10 @@ def test_eight_large_images_at_once_hold_two_decodes_and_the_rest_get_429(
         NVIDIA_API_KEY=API_KEY,
         DEEPFAKE_BUDGET_S="120",  # the test holds the answers, not the budget
         MODERATE_MAX_IN_FLIGHT=str(ADMITTED),
+        # The shared bound above every call at once (and threads beyond it): each refusal here
+        # is /moderate's own, whatever order the calls arrive in.
+        MAX_IN_FLIGHT=str(CALLS + 2),
+        THREADS=str(CALLS + 4),
         RETRY_AFTER_S="3",
     )
     gateway.start().wait_ready(60)
