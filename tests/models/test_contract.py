@@ -5,7 +5,6 @@ spelling a name of the contract as a string literal of its own."""
 from __future__ import annotations
 
 import ast
-import re
 import textwrap
 import types
 from pathlib import Path
@@ -187,16 +186,6 @@ def test_the_check_sees_every_python_model() -> None:
     }
     checked = {path.parent.parent.name for path in MODEL_SOURCES if path.name == "model.py"}
     assert python_models and python_models == checked
-
-
-def test_the_triton_image_carries_the_contract() -> None:
-    """Installed beside the models' packages: a mounted repository reaches Triton as a serving
-    copy of its model folders only (deploy/docker/set_instances.py)."""
-    dockerfile = (DEFAULT_REPOSITORY.parent / "deploy" / "docker" / "triton.Dockerfile").read_text()
-    site = r"/usr/local/lib/python3\.\d+/dist-packages/"
-    copy = rf"^COPY imagegen_contract\.py {site}$"
-    assert re.search(copy, dockerfile, re.MULTILINE)
-    assert 'RUN python3 -c "import imagegen_contract"' in dockerfile
 
 
 def test_a_diffusion_config_without_a_limit_fails_to_load(tmp_path: Path) -> None:
