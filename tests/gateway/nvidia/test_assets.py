@@ -35,6 +35,9 @@ from tests.gateway.faults import HANG, HELD_S, Respond, Trap
 from tests.models.helpers import wait_until
 
 FAST = RetryPolicy(backoff=(0.05, 0.1, 0.2))
+# The budget of a check that must answer: it only stops a test that would hang (the tests
+# of the budget itself give theirs).
+GUARD_BUDGET_S = 60.0
 
 
 def natural_jpeg(width: int = 1024, height: int = 2048) -> bytes:
@@ -64,7 +67,9 @@ MakeClient = Callable[..., DeepfakeClient]
 def make_client(nvcf: FakeNvcf) -> Iterator[MakeClient]:
     clients: list[DeepfakeClient] = []
 
-    def make(budget_s: float = 3.0, metrics: Recorder = NULL_METRICS, **kwargs: Any) -> DeepfakeClient:
+    def make(
+        budget_s: float = GUARD_BUDGET_S, metrics: Recorder = NULL_METRICS, **kwargs: Any
+    ) -> DeepfakeClient:
         client = DeepfakeClient(
             url=f"{nvcf.url}{API_PATH}",
             assets_url=f"{nvcf.url}{ASSETS_PATH}",
@@ -268,7 +273,7 @@ def test_a_verdict_through_an_asset_on_generate(
         nvidia_api_url=f"{nvcf.url}{API_PATH}",
         nvidia_assets_url=f"{nvcf.url}{ASSETS_PATH}",
         nvidia_api_key=API_KEY,
-        deepfake_budget_s=5.0,
+        deepfake_budget_s=GUARD_BUDGET_S,
     ))
     nvcf.verdict = faces(0.42)
     body = {"prompt": "p", "width": 256, "height": 512, "num_inference_steps": 1, "upscale": True,

@@ -32,6 +32,9 @@ from tests.gateway.faults import CLOSE, HANG, FaultServer, Respond
 
 JPEG = encode_jpeg(np.random.default_rng(7).integers(0, 256, (48, 64, 3), dtype=np.uint8), 90).data
 FAST = RetryPolicy(backoff=(0.05, 0.1, 0.2))
+# The budget of a check that must answer: it only stops a test that would hang (the tests
+# of the budget itself give theirs).
+GUARD_BUDGET_S = 60.0
 
 MakeClient = Callable[..., DeepfakeClient]
 
@@ -43,7 +46,7 @@ def make_client(nvidia_api: FaultServer) -> Iterator[MakeClient]:
     def make(
         *,
         url: str = f"{nvidia_api.url}{API_PATH}",
-        budget_s: float = 3.0,
+        budget_s: float = GUARD_BUDGET_S,
         max_image_bytes: int = 1 << 20,
         policy: RetryPolicy = FAST,
         metrics: Recorder = NULL_METRICS,

@@ -22,7 +22,11 @@ QUERY = "?AWSAccessKeyId=AKIAQE43KJDN7ARTLAVM&Signature=%2ByiRa6eTIiuPtE3wGWzFzm
 FAST = RetryPolicy(backoff=(0.05, 0.1, 0.2))
 
 
-def uploader(policy: RetryPolicy = FAST, timeout_s: float = 2.0, **kwargs) -> Uploader:  # type: ignore[no-untyped-def]
+# An attempt's timeout where the test is not about timeouts: it only stops a test that would hang.
+GUARD_TIMEOUT_S = 60.0
+
+
+def uploader(policy: RetryPolicy = FAST, timeout_s: float = GUARD_TIMEOUT_S, **kwargs) -> Uploader:  # type: ignore[no-untyped-def]
     return Uploader(policy=policy, timeout_s=timeout_s, **kwargs)
 
 
@@ -200,7 +204,9 @@ def test_failures_are_counted_by_the_class_of_the_last_status(
 ) -> None:
     metrics = Metrics()
     fault_server.set_script(*script)
-    result = put(fault_server.url, uploader(RetryPolicy(backoff=(0.01,)), timeout_s=0.3, metrics=metrics))
+    # A hang ends by the timeout; the answers before it get all of a second.
+    timeout_s = 1.0 if HANG in script else GUARD_TIMEOUT_S
+    result = put(fault_server.url, uploader(RetryPolicy(backoff=(0.01,)), timeout_s=timeout_s, metrics=metrics))
     assert not result.ok and result.status_class == status_class
     text = metrics.render().decode()
     assert f'gateway_uploads_total{{result="failure",status_class="{status_class}"}} 1.0' in text
