@@ -12,6 +12,7 @@ from gateway.triton.contract import TIMEOUT_MS
 from tests.models.helpers import (
     HOLD,
     HOLD_LIMIT_MS,
+    diffusion_idle,
     diffusion_interrupted,
     diffusion_steps,
     generation,
@@ -94,6 +95,9 @@ def test_bad_timeout_parameter_is_invalid_arg(client: grpcclient.InferenceServer
 def test_grpc_deadline_cancels_a_direct_generation(
     triton: TritonServer, client: grpcclient.InferenceServerClient
 ) -> None:
+    # An idle instance takes the request at once: one the deadline found still queued would be
+    # dropped there, never reaching the model.
+    diffusion_idle(triton)
     steps_before = diffusion_steps(triton)
     cancelled_before = diffusion_interrupted(triton, "cancelled")
     # Held at the end of its first step (the model's test hook) until the deadline cancels it:
@@ -101,7 +105,7 @@ def test_grpc_deadline_cancels_a_direct_generation(
     with pytest.raises(InferenceServerException) as error:
         client.infer(
             "diffusion", tensors(**generation(steps=100, scale=None)),
-            parameters={HOLD: True, TIMEOUT_MS: HOLD_LIMIT_MS}, client_timeout=1.0,
+            parameters={HOLD: True, TIMEOUT_MS: HOLD_LIMIT_MS}, client_timeout=3.0,
         )
     assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     wait_until(lambda: diffusion_interrupted(triton, "cancelled") > cancelled_before,
