@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install models tools test triton serve demo bench lint docs clean
+.PHONY: install models tools front-door test triton serve demo bench lint docs clean
 
 install: $(STAMP)
 
@@ -20,7 +20,8 @@ models: $(STAMP)
 	@echo "Demo models (random weights) for models/demo and model_repository/nsfw/1 (first time: about 30 s; then skipped)"
 	@$(BIN)/python -m export.demo_models
 
-# promtool, prometheus and docker-compose for tests/deploy: apt-get as root when missing.
+# promtool, prometheus, docker-compose, chromium and nginx for the tests: apt-get as root when
+# missing.
 # checkov in a virtualenv of its own: its exact pins would downgrade the project's packages.
 CHECKOV := $(VENV)/tools/checkov/bin/checkov
 tools: $(CHECKOV)
@@ -38,14 +39,18 @@ test: models tools
 triton: models
 	$(BIN)/python -m embedded.triton
 
-serve: models
+# nginx, the gateway's front door (docs/security.md): Debian's nginx-light, as root when missing.
+front-door:
+	sh deploy/install-tools.sh nginx
+
+serve: models front-door
 	$(BIN)/python -m embedded.stack
 
 demo: $(STAMP)
 	$(BIN)/python -m embedded.demo
 
 # Benchmarks (not in `make test`; a smoke run of each is): ends with the summary lines.
-bench: models
+bench: models front-door
 	$(BIN)/python -m benchmarks
 
 lint: $(STAMP)

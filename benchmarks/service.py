@@ -34,6 +34,7 @@ from benchmarks import nsfw
 from benchmarks.report import Timings, print_summary, print_table
 from embedded.s3 import LocalS3
 from embedded.stack import LocalStack
+from gateway.settings import SPARE_THREADS
 from gateway.triton import contract
 
 BUCKET = "bench"
@@ -50,7 +51,8 @@ def service_stack(workdir: Path, nsfw_onnx: Path | None = None) -> LocalStack:
         workdir,
         triton_env={"IMAGEGEN_NSFW_ONNX": str(nsfw_onnx)} if nsfw_onnx else {},
         # Room for every client: the default in-flight bound would turn the load test into 429s.
-        gateway_settings={"THREADS": str(CLIENTS), "MAX_IN_FLIGHT": str(CLIENTS)},
+        # gunicorn keeps SPARE_THREADS beyond the bound.
+        gateway_settings={"THREADS": str(CLIENTS + SPARE_THREADS), "MAX_IN_FLIGHT": str(CLIENTS)},
     )
 
 

@@ -1,26 +1,48 @@
 #!/bin/sh
-# The tests' system tools: promtool and prometheus (Debian's `prometheus`, 2.42) for the
-# alert rules, docker-compose (Debian's 1.29) to validate docker-compose.yml, and chromium (a
-# real browser, headless) for the /docs page.
-# `make test` runs this: it installs them with apt when they are missing and we are root.
-# When it cannot, it says so and lets the tests run: those that need a tool fail naming it.
+# System tools from Debian's packages: promtool and prometheus (`prometheus`, 2.42) for the
+# alert rules, docker-compose (1.29) to validate docker-compose.yml, chromium (a real browser,
+# headless) for the /docs page, and nginx (`nginx-light`), the gateway's front door in
+# `make serve` and in the tests.
+# `make test` runs this for all of them, `make serve` for nginx only (`sh deploy/install-tools.sh
+# nginx`): it installs what is missing with apt when we are root. When it cannot, it says so and
+# goes on: whatever needs a missing tool fails naming it.
 set -u
 
+package_of() {
+    case "$1" in
+        promtool | prometheus) echo prometheus ;;
+        nginx) echo nginx-light ;;
+        *) echo "$1" ;;
+    esac
+}
+
+found() {
+    # nginx lives in /usr/sbin, which is not on every user's PATH.
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]
+}
+
 missing=""
-for tool in promtool prometheus docker-compose chromium; do
-    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+packages=""
+for tool in ${*:-promtool prometheus docker-compose chromium nginx}; do
+    found "$tool" && continue
+    missing="$missing $tool"
+    package=$(package_of "$tool")
+    case " $packages " in
+        *" $package "*) ;;
+        *) packages="$packages $package" ;;
+    esac
 done
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "deploy/install-tools.sh: missing:$missing; not root or no apt-get, so not installed." \
-         "Install the Debian packages prometheus, docker-compose and chromium; until then the" \
-         "tests that use them fail." >&2
+         "Install the Debian packages$packages (docs/getting-started.md); until then what" \
+         "uses them fails." >&2
     exit 0
 fi
 
-# The prometheus package would start a system Prometheus on :9090; the tests run their own.
-# A policy-rc.d that refuses every start keeps it down (one already there is left alone).
+# The prometheus and nginx packages would start system services (:9090, :80); the project runs
+# its own. A policy-rc.d that refuses every start keeps them down (one already there is left).
 policy=/usr/sbin/policy-rc.d
 added_policy=""
 if [ ! -e "$policy" ]; then
@@ -28,15 +50,19 @@ if [ ! -e "$policy" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 status=0
-echo "deploy/install-tools.sh: installing$missing with apt (first time: a minute or two)"
-apt-get update -q && apt-get install -y -q --no-install-recommends prometheus docker-compose chromium \
-    || status=$?
+echo "deploy/install-tools.sh: installing$packages with apt (first time: a minute or two)"
+# shellcheck disable=SC2086  # one word per package
+apt-get update -q && apt-get install -y -q --no-install-recommends $packages || status=$?
 [ -z "$added_policy" ] || rm -f "$policy"
 # Under systemd, units can start whatever policy-rc.d says.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-    systemctl disable --now prometheus
+if command -v systemctl >/dev/null 2>&1; then
+    for service in prometheus nginx; do
+        if systemctl is-active --quiet "$service" 2>/dev/null; then
+            systemctl disable --now "$service"
+        fi
+    done
 fi
 if [ "$status" != 0 ]; then
-    echo "deploy/install-tools.sh: apt-get failed ($status); the deploy tests will fail." >&2
+    echo "deploy/install-tools.sh: apt-get failed ($status); what needs$missing will fail." >&2
 fi
 exit 0

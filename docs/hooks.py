@@ -3,6 +3,7 @@
 A page asks for a generated block with a marker line, `<!-- generated: NAME -->`:
 
 - `settings`: every `GATEWAY_*` variable, its default and meaning (`gateway.settings`);
+- `front-door-settings`: every `FRONT_*` variable of the front door (`embedded.front_door`);
 - `endpoints`: each path and method of the OpenAPI document with its summary and statuses;
 - `generate-fields`, `moderate-fields`: the request fields with their defaults and ranges.
 
@@ -23,6 +24,7 @@ from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files
 from mkdocs.structure.pages import Page
 
+from embedded.front_door import settings_table as front_door_settings_table
 from gateway.openapi import build_openapi
 from gateway.settings import Settings, settings_table
 
@@ -42,6 +44,13 @@ def settings_markdown() -> str:
     for variable, default, meaning in settings_table():
         shown = f"`{default}`" if default else "(empty)"
         lines.append(f"| `{variable}` | {shown} | {meaning} |")
+    return "\n".join(lines)
+
+
+def front_door_settings_markdown() -> str:
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for variable, default, meaning in front_door_settings_table():
+        lines.append(f"| `{variable}` | `{default}` | {meaning} |")
     return "\n".join(lines)
 
 
@@ -102,6 +111,7 @@ def _request_fields(name: str) -> Callable[[], str]:
 
 GENERATED: dict[str, Callable[[], str]] = {
     "settings": settings_markdown,
+    "front-door-settings": front_door_settings_markdown,
     "endpoints": endpoints_markdown,
     "generate-fields": _request_fields("GenerateRequest"),
     "moderate-fields": _request_fields("ModerateRequest"),

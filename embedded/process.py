@@ -40,7 +40,8 @@ class ManagedProcess:
     start_error: type[Exception] = ProcessStartError
     poll_interval_s = 0.2
     ready_timeout_s = 60.0
-    stop_timeout_s = 30.0  # how long stop() waits after SIGTERM before it kills
+    stop_timeout_s = 30.0  # how long stop() waits after stop_signal before it kills
+    stop_signal = signal.SIGTERM  # the process's graceful stop
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None
     log_path: Path | None
@@ -95,13 +96,14 @@ class ManagedProcess:
         raise self.start_error(f"{self.name} not ready at {self.ready_url} after {timeout:.0f}s")
 
     def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM and wait (a graceful stop), then SIGKILL whatever is left in its session."""
+        """`stop_signal` and wait (a graceful stop), then SIGKILL whatever is left in its
+        session."""
         proc, self.process = self.process, None
         if proc is None:
             return None
         timeout = self.stop_timeout_s if timeout is None else timeout
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(self.stop_signal)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

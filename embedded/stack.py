@@ -1,16 +1,21 @@
-"""The whole service on loopback: embedded Triton, a local S3 (moto) and the gateway (gunicorn).
+"""The whole service on loopback: embedded Triton, a local S3 (moto), the gateway (gunicorn) and
+its front door (nginx).
 
-`LocalStack` starts the three, each once the one before can serve it, and stops them together;
-`make serve`, the service benchmark and the load run (harness/load.py) all run it.
+`LocalStack` starts them, each once the one before can serve it, and stops them together;
+`make serve`, the service benchmark and the load run (harness/load.py) all run it. Clients reach
+the gateway through the front door (embedded/front_door.py), as in compose and Kubernetes:
+`stack.url` for clients, `stack.probe_url` for /healthz, /readyz and /metrics; gunicorn listens
+on loopback behind it (`stack.gateway.url`).
 `python -m embedded.stack` (what `make serve` runs) starts one on the usual ports, prints where
 the parts are, and stops them on Ctrl-C or SIGTERM, or when one of them dies. `GATEWAY_*`
-variables from the environment reach the gateway; without `GATEWAY_UPLOAD_ALLOWED_HOSTS` it may
-upload to the local S3 only.
+variables from the environment reach the gateway, `FRONT_*` ones the front door; without
+`GATEWAY_UPLOAD_ALLOWED_HOSTS` the gateway may upload to the local S3 only.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -24,6 +29,7 @@ from typing import Any, Protocol
 
 from typing_extensions import Self
 
+from embedded.front_door import FrontDoor, FrontDoorSettings
 from embedded.process import ManagedProcess, ProcessStartError, free_port
 from embedded.s3 import BUCKET, LocalS3, MotoS3Server
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
@@ -34,6 +40,7 @@ RUN_DIR = PROJECT_ROOT / ".run"
 GUNICORN_CONF = PROJECT_ROOT / "gateway" / "gunicorn.conf.py"
 S3_READY_TIMEOUT_S = 60.0
 GATEWAY_READY_TIMEOUT_S = 120.0
+FRONT_DOOR_READY_TIMEOUT_S = 30.0
 
 
 class Shutdown(Exception):
@@ -97,7 +104,10 @@ class Ports:
     triton_grpc: int
     triton_metrics: int
     s3: int
-    gateway: int
+    gateway: int  # gunicorn, behind the front door
+    gateway_probes: int  # gunicorn's probe listener (GATEWAY_PROBE_PORT), behind it too
+    front: int  # the front door's, for clients
+    probes: int  # the front door's, for probes and scrapes
 
     @classmethod
     def free(cls, host: str = "127.0.0.1") -> Ports:
@@ -117,15 +127,16 @@ class Front(Protocol):
 
 
 class LocalStack:
-    """Triton, the local S3 and the gateway under gunicorn on loopback: started in that order,
-    each waited for, and stopped together (gateway first); a context manager.
+    """Triton, the local S3, the gateway under gunicorn and its front door on loopback: started
+    in that order, each waited for, and stopped together (front door first); a context manager.
 
     Logs and Triton's workdir go under `run_dir`. `ports` None takes free ones. A given `triton`
     is one the caller runs (the load run's replicas): the gateway calls it, the stack neither
     starts nor stops it. `front(s3_url)` builds a server before the local S3 that the gateway
     may upload through instead. The gateway's environment is `environ` (default: this
     process's) with the stack's defaults for what it does not set, then `gateway_settings`
-    (`GATEWAY_*` names without the prefix) over both.
+    (`GATEWAY_*` names without the prefix) over both; the front door's likewise, with
+    `front_door_settings` (`FRONT_*` names without the prefix).
     """
 
     def __init__(
@@ -142,6 +153,7 @@ class LocalStack:
         environ: Mapping[str, str] | None = None,
         gateway_settings: Mapping[str, str] | None = None,
         gateway_log: bool = True,
+        front_door_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.ports = ports or Ports.free(host)
@@ -171,12 +183,58 @@ class LocalStack:
         )
         env.setdefault("GATEWAY_HOST", host)
         env.setdefault("GATEWAY_PORT", str(self.ports.gateway))
+        env.setdefault("GATEWAY_PROBE_PORT", str(self.ports.gateway_probes))
         env.update({f"GATEWAY_{name}": value for name, value in (gateway_settings or {}).items()})
+        # A keyless gateway refuses to start unless told that anonymous access is meant. A stack
+        # on loopback says so itself (main() prints it); one on any other address does not.
+        if not {"GATEWAY_API_KEYS", "GATEWAY_API_KEYS_FILE"} & env.keys() and _is_loopback(host):
+            env.setdefault("GATEWAY_ALLOW_ANONYMOUS", "true")
         # Keep the project importable however the stack was launched.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p
         )
         self.gateway = GatewayProcess(env, run_dir / "gateway.log" if gateway_log else None)
+        self.front_door = FrontDoor(
+            self._front_door_settings(env, host, front_door_settings or {}),
+            run_dir / "front-door",
+            run_dir / "front-door.log" if gateway_log else None,
+        )
+
+    def _front_door_settings(
+        self, env: Mapping[str, str], host: str, overrides: Mapping[str, str]
+    ) -> FrontDoorSettings:
+        """Raises the gateway's SettingsError or the front door's error, naming the variable."""
+        from gateway.settings import Settings
+
+        front = {k: v for k, v in env.items() if k.startswith("FRONT_")}
+        gateway_host = env["GATEWAY_HOST"]
+        if ":" in gateway_host:
+            gateway_host = f"[{gateway_host}]"
+        front.setdefault("FRONT_HOST", host)
+        front.setdefault("FRONT_PORT", str(self.ports.front))
+        front.setdefault("FRONT_PROBE_PORT", str(self.ports.probes))
+        front.setdefault("FRONT_UPSTREAM", f"{gateway_host}:{env['GATEWAY_PORT']}")
+        front.setdefault("FRONT_PROBE_UPSTREAM", f"{gateway_host}:{env['GATEWAY_PROBE_PORT']}")
+        front.update({f"FRONT_{name}": value for name, value in overrides.items()})
+        return FrontDoorSettings.from_env(front, Settings.from_env(env))
+
+    @property
+    def url(self) -> str:
+        """Where clients call the gateway: the front door's port."""
+        return self.front_door.url
+
+    @property
+    def probe_url(self) -> str:
+        """/healthz, /readyz and /metrics: the front door's probe port."""
+        return self.front_door.probe_url
+
+    def access(self) -> str:
+        """Who may call the gateway, as `make serve` prints it."""
+        env = self.gateway.env
+        if env.get("GATEWAY_API_KEYS") or env.get("GATEWAY_API_KEYS_FILE"):
+            return "access    with an API key (GATEWAY_API_KEYS / GATEWAY_API_KEYS_FILE)"
+        return ("access    ANYONE on this machine, no API key: GATEWAY_ALLOW_ANONYMOUS="
+                f"{env.get('GATEWAY_ALLOW_ANONYMOUS', '')} (set GATEWAY_API_KEYS to require one)")
 
     @property
     def upload_allowed_hosts(self) -> str:
@@ -209,11 +267,18 @@ class LocalStack:
             log.info("Triton ready at %s (gRPC %s)", self.triton.http_url, self.triton.grpc_url)
         self.gateway.start()
         self.gateway.wait_ready(timeout=GATEWAY_READY_TIMEOUT_S)
+        self.front_door.start()
+        self.front_door.wait_ready(timeout=FRONT_DOOR_READY_TIMEOUT_S)
         return self
 
     def exited(self) -> str | None:
         """The first part whose process is gone, or None while all run."""
-        parts = {"triton": self.triton, "s3": self.s3, "gateway": self.gateway}
+        parts: dict[str, ManagedProcess] = {
+            "triton": self.triton,
+            "s3": self.s3,
+            "gateway": self.gateway,
+            "front door": self.front_door,
+        }
         if not self.owns_triton:
             del parts["triton"]
         for name, part in parts.items():
@@ -222,7 +287,8 @@ class LocalStack:
         return None
 
     def stop(self) -> None:
-        """Stop whatever runs, gateway first; safe to call again."""
+        """Stop whatever runs, front door first; safe to call again."""
+        self.front_door.stop()
         self.gateway.stop()
         if self.owns_triton:
             self.triton.stop()
@@ -248,6 +314,13 @@ class LocalStack:
         self.stop()
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _raise_shutdown(signum: int, _frame: FrameType | None) -> None:
     raise Shutdown(signal.Signals(signum).name)
 
@@ -267,21 +340,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    stack = LocalStack(
-        args.run_dir,
-        host=args.host,
-        # The gateway's port is GATEWAY_PORT's, as any other setting of the environment.
-        ports=Ports(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port,
-                    args.s3_port, gateway=8080),
-        repository=args.model_repository,
-        triton_ready_timeout_s=args.ready_timeout,
-        gateway_log=False,  # the gateway's JSON lines go to the terminal
-    )
+    from embedded.front_door import FrontDoorError
     from gateway.settings import SettingsError
 
     try:
-        stack.check_settings()
-    except SettingsError as exc:
+        stack = LocalStack(
+            args.run_dir,
+            host=args.host,
+            # The clients' and the probes' ports are the front door's defaults, or FRONT_PORT's
+            # and FRONT_PROBE_PORT's, as any other setting of the environment; gunicorn takes
+            # free ones behind it unless GATEWAY_PORT and GATEWAY_PROBE_PORT name them.
+            ports=Ports(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port,
+                        args.s3_port, gateway=free_port(args.host),
+                        gateway_probes=free_port(args.host), front=FrontDoorSettings.port,
+                        probes=FrontDoorSettings.probe_port),
+            repository=args.model_repository,
+            triton_ready_timeout_s=args.ready_timeout,
+            gateway_log=False,  # the gateway's and the front door's lines go to the terminal
+        )
+    except (SettingsError, FrontDoorError) as exc:
         print(f"embedded.stack: {exc}", file=sys.stderr)
         return 2
 
@@ -295,10 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             "\n".join(
                 [
                     "",
-                    f"gateway   {gateway.url}  (POST /generate, /readyz, /metrics, /openapi.json)",
+                    f"gateway   {stack.url}  (POST /generate, /moderate, /openapi.json, /docs)",
+                    f"probes    {stack.probe_url}  (/healthz, /readyz, /metrics)",
+                    f"gunicorn  {gateway.url}  (behind the front door, nginx)",
                     f"triton    {triton.http_url}  gRPC {triton.grpc_url}  metrics {triton.metrics_url}",
                     f"s3 (moto) {s3.url}  (any bucket; credentials: anything)",
                     f"uploads allowed to: {stack.upload_allowed_hosts}",
+                    stack.access(),
                     f"logs      {stack.run_dir}",
                     "ready: try `make demo`; Ctrl-C stops everything",
                     "",

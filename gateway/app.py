@@ -15,6 +15,7 @@ from gateway import docs, views
 from gateway.auth import ApiKeys, require_api_key
 from gateway.backpressure import limit_in_flight, limit_moderations
 from gateway.errors import register_error_handlers
+from gateway.forwarded import ClientAddress
 from gateway.limits import LimitsSource
 from gateway.logs import track_request_ids
 from gateway.metrics import Metrics
@@ -22,7 +23,7 @@ from gateway.nvidia.deepfake import DeepfakeClient
 from gateway.readiness import ReadinessCache
 from gateway.retry import RetryPolicy
 from gateway.services import Services
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.triton.client import TritonGateway
 from gateway.upload.uploader import Uploader
 
@@ -30,6 +31,8 @@ from gateway.upload.uploader import Uploader
 def create_app(config: Settings | None = None) -> Flask:
     """Build the gateway; without `config`, settings come from the `GATEWAY_*` environment."""
     settings = config if config is not None else Settings.from_env(os.environ)
+    if config is None and (problem := settings.anonymous_problem()) is not None:
+        raise SettingsError(problem)  # a real start (gunicorn's, any WSGI server's): no keys
     app = Flask(__name__)
     # Werkzeug enforces it while reading, chunked bodies included, and answers 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -87,6 +90,8 @@ def create_app(config: Settings | None = None) -> Flask:
     app.register_blueprint(views.bp)
     app.register_blueprint(docs.bp)
     _count_requests(app, metrics)
+    # Outermost: everything after it, gunicorn's access line included, sees the client's address.
+    app.wsgi_app = ClientAddress(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
     return app
 
 

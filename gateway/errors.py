@@ -25,7 +25,9 @@ class ErrorDetail:
     code: str = described(
         "What went wrong, for programs: invalid_request, unauthorized, not_found, "
         "method_not_allowed, payload_too_large, unsupported_media_type, overloaded, "
-        "upload_failed, upstream_error, unavailable, deadline_exceeded, internal_error."
+        "upload_failed, upstream_error, unavailable, deadline_exceeded, internal_error; from "
+        "the front door in front of the gateway also uri_too_long, headers_too_large, "
+        "too_many_connections."
     )
     message: str = described("What went wrong, for people.")
     field: str | None = described("The request field at fault.", omit_none=True)

@@ -21,6 +21,9 @@ try:
     _settings = Settings.from_env(os.environ)
 except SettingsError as exc:
     raise SystemExit(f"gateway: {exc}") from None
+for _problem in (_settings.threads_problem(), _settings.anonymous_problem()):
+    if _problem is not None:
+        raise SystemExit(f"gateway: {_problem}")
 
 _host = f"[{_settings.host}]" if ":" in _settings.host else _settings.host
 bind = [f"{_host}:{_settings.port}"]
@@ -34,6 +37,15 @@ timeout = 60
 # by default as long as the longest request can take (Triton deadline + every upload attempt).
 graceful_timeout = math.ceil(_settings.graceful_timeout_s)  # gunicorn takes whole seconds
 keepalive = 5
+# The front door (deploy/nginx) connects from loopback and writes X-Forwarded-For itself; only
+# such peers may set forwarded headers (the app reads the client's address the same way).
+forwarded_allow_ips = ",".join(_settings.trusted_proxies)
+# The front door caps request lines and header fields (FRONT_MAX_HEADER_BYTES, at most 8000)
+# and answers 414 or 431 in JSON; gunicorn's own caps sit above its, at gunicorn's maximums, so
+# that a request nginx passed is never refused here with an HTML 400.
+limit_request_line = 8190
+limit_request_field_size = 8190
+limit_request_fields = 32768
 loglevel = _settings.log_level.lower()
 # JSON lines on stdout for gunicorn and the app alike (gateway/logs.py). The access line takes
 # its fields from gunicorn's atoms: the path without its query string, never the headers.
@@ -60,6 +72,14 @@ if _settings.workers > 1:
     def on_exit(server: Any) -> None:
         if not _settings.metrics_dir:
             shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+
+def post_worker_init(worker: Any) -> None:
+    # Probes and scrapes on threads of their own (gateway/probes.py), once the app is built.
+    if _settings.probe_port is not None:
+        from gateway.probes import serve_probes
+
+        serve_probes(worker.wsgi, _settings.host, _settings.probe_port)
 
 
 # gunicorn >= 24 opens a control socket at one fixed per-user path; a second gateway on the same

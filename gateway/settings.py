@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ from gateway.triton.contract import Model
 from gateway.triton.target import parse_target
 
 PREFIX = "GATEWAY_"
+# Threads each gunicorn worker keeps beyond MAX_IN_FLIGHT, the bound on the requests that hold
+# one for long: while generations hold theirs, every quick answer (the 429 past the bound, a 401,
+# /openapi.json) still gets one. With the front door reading whole requests nothing else holds a
+# thread longer than its own work; probes have threads of their own (PROBE_PORT).
+SPARE_THREADS = 2
 
 class NamingPolicy(str, enum.Enum):
     """What the uploaded object is called: the spec's `{image_hash}.jpg`, or the URL as given."""
@@ -86,6 +92,13 @@ def _parse_naming(raw: str) -> NamingPolicy:
         raise ValueError("expected rewrite or keep") from None
 
 
+def _parse_networks(raw: str) -> tuple[str, ...]:
+    entries = tuple(e.strip() for e in raw.split(",") if e.strip())
+    for entry in entries:
+        ipaddress.ip_network(entry, strict=False)  # the ValueError names the entry
+    return entries
+
+
 def _parse_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -108,6 +121,10 @@ def _parse_secret(raw: str) -> str | None:
 def _parse_triton_url(raw: str) -> str:
     parse_target(raw)  # the ValueError says what is wrong
     return raw.strip()
+
+
+def _parse_optional_int(raw: str) -> int | None:
+    return int(raw) if raw.strip() else None
 
 
 def _parse_optional_float(raw: str) -> float | None:
@@ -336,6 +353,14 @@ class Settings:
     )
     host: str = _setting("HOST", str.strip, "gunicorn bind address.", default="127.0.0.1")
     port: int = _setting("PORT", int, "gunicorn bind port.", default=8080)
+    probe_port: int | None = _setting(
+        "PROBE_PORT",
+        _parse_optional_int,
+        "A port of their own for `/healthz`, `/readyz` and `/metrics` (on HOST), served by "
+        "threads of their own in every worker: they never wait behind requests. The front "
+        "door's probe port proxies to it. Empty: none.",
+        default=None,
+    )
     workers: int = _setting("WORKERS", int, "gunicorn worker processes.", default=1)
     threads: int = _setting(
         "THREADS", int, "Threads per gunicorn worker (requests served at once).", default=8
@@ -365,11 +390,19 @@ class Settings:
         "reload (gunicorn HUP).",
         default=None,
     )
+    allow_anonymous: bool = _setting(
+        "ALLOW_ANONYMOUS",
+        _parse_bool,
+        "`true` lets the gateway start without API_KEYS or API_KEYS_FILE and serve everyone who "
+        "reaches it (the local `make serve` sets it); otherwise it refuses to start keyless.",
+        default=False,
+    )
     max_in_flight: int = _setting(
         "MAX_IN_FLIGHT",
         int,
         "Most `/generate` requests one process works on at once; the next gets 429 with "
-        "Retry-After. Keep it below THREADS so probes are still answered.",
+        f"Retry-After. THREADS must exceed it by {SPARE_THREADS} (gunicorn does not start "
+        "otherwise), so that quick answers never wait behind generations.",
         default=6,
     )
     shutdown_timeout_s: float | None = _setting(
@@ -404,6 +437,14 @@ class Settings:
         "Longest a request may wait in the diffusion model's queue (seconds); past it the answer "
         "is 503. Empty: the model's `default_timeout_microseconds` (60 s).",
         default=None,
+    )
+    trusted_proxies: tuple[str, ...] = _setting(
+        "TRUSTED_PROXIES",
+        _parse_networks,
+        "Comma list of addresses or networks (CIDR) whose `X-Forwarded-For` the gateway "
+        "believes: the front door's, on loopback. From them the header's last address is the "
+        "client's (in the access log); any other peer is the client itself, whatever it sends.",
+        default=("127.0.0.1", "::1"),
     )
     triton_refresh_s: float = _setting(
         "TRITON_REFRESH_S",
@@ -462,6 +503,10 @@ class Settings:
             (self.moderate_max_pixels >= 1, f"{PREFIX}MODERATE_MAX_PIXELS must be >= 1"),
             (self.moderate_max_in_flight >= 1, f"{PREFIX}MODERATE_MAX_IN_FLIGHT must be >= 1"),
             (0 < self.port < 65536, f"{PREFIX}PORT must be in 1..65535"),
+            (
+                self.probe_port is None or (0 < self.probe_port < 65536 and self.probe_port != self.port),
+                f"{PREFIX}PROBE_PORT must be in 1..65535 and not PORT",
+            ),
             (self.workers >= 1, f"{PREFIX}WORKERS must be >= 1"),
             (self.threads >= 1, f"{PREFIX}THREADS must be >= 1"),
             (
@@ -487,12 +532,37 @@ class Settings:
         return len(self.upload_backoff) + 1
 
     @property
+    def longest_request_s(self) -> float:
+        """The longest a request may take: the Triton deadline, every upload attempt and
+        backoff, and 5 s for the rest."""
+        upload = self.upload_attempts * self.upload_timeout_s + sum(self.upload_backoff)
+        return self.triton_deadline_s + upload + 5
+
+    @property
     def graceful_timeout_s(self) -> float:
         """How long a stopping worker lets requests in flight finish, uploads included."""
         if self.shutdown_timeout_s is not None:
             return self.shutdown_timeout_s
-        upload = self.upload_attempts * self.upload_timeout_s + sum(self.upload_backoff)
-        return self.triton_deadline_s + upload + 5
+        return self.longest_request_s
+
+    def threads_problem(self) -> str | None:
+        """Why gunicorn's threads would leave quick answers waiting behind generations, or None."""
+        if self.threads >= self.max_in_flight + SPARE_THREADS:
+            return None
+        return (
+            f"{PREFIX}THREADS ({self.threads}) must be at least {PREFIX}MAX_IN_FLIGHT "
+            f"({self.max_in_flight}) + {SPARE_THREADS}: the spare threads answer quick requests "
+            "while every admitted generation is at work"
+        )
+
+    def anonymous_problem(self) -> str | None:
+        """Why the gateway must not start, keyless without the explicit opt-out, or None."""
+        if self.api_keys or self.api_keys_file is not None or self.allow_anonymous:
+            return None
+        return (
+            f"no API key: set {PREFIX}API_KEYS or {PREFIX}API_KEYS_FILE, or "
+            f"{PREFIX}ALLOW_ANONYMOUS=true to serve everyone who can reach this gateway"
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -4,14 +4,19 @@
     .venv/bin/python -m harness.load --restart-triton-after 100   # the same, Triton crashing
     .venv/bin/python -m harness.load --replicas 3 --stop-replica sigkill   # one of 3 crashing
     .venv/bin/python -m harness.load --replicas 3 --stop-replica sigterm   # one of 3 draining
+    .venv/bin/python -m harness.load --slow-headers 1000 --slow-bodies 200  # slowloris beside it
 
 Starts its own local stack (embedded/stack.py: Triton with the demo models, moto, the gateway
-under gunicorn) with the flaky proxy (harness/flaky_storage.py) before the local S3, all on free
-loopback ports. Every client sends its requests one after the other (64×64, 2 steps, NSFW on,
+under gunicorn behind its front door, nginx) with the flaky proxy (harness/flaky_storage.py)
+before the local S3, all on free loopback ports; the clients call the front door. Every client sends its requests one after the other (64×64, 2 steps, NSFW on,
 each to its own presigned key). Then it checks what must hold: no 500; every 200's object
 exists in S3 and its MD5 is `image_hash`; every failure is a 502 `upload_failed` carrying the
 final storage status (503s are allowed only around a Triton restart); and it prints the
 gateway's RSS before, at peak and after. Exit status 1 on a violation.
+
+With `--slow-headers N --slow-bodies M` (harness/slow_clients.py) that many slow connections
+trickle their headers or their bodies into the front door from other loopback addresses for the
+whole run; each must then be closed by nginx within its timeout, none may be answered.
 
 With `--replicas N` it starts N Tritons behind one target (harness/replicas.py), can stop the
 first one mid-run, and reports each replica's share of the Triton calls with their outcomes and
@@ -41,11 +46,13 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 from typing_extensions import Self
 
+from embedded.front_door import FrontDoorSettings
 from embedded.s3 import LocalS3
 from embedded.stack import LocalStack
 from embedded.triton import TritonServer
 from harness.flaky_storage import FlakyStorage
 from harness.replicas import ReplicaGroup, kill, terminate
+from harness.slow_clients import Connection, SlowClients, raise_open_files, summary
 
 
 @dataclass(frozen=True)
@@ -351,6 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         "--stop-after", type=int, default=0, metavar="N",
         help="stop it once N answers have come back (default: a third of the run)",
     )
+    parser.add_argument(
+        "--slow-headers", type=int, default=0, metavar="N",
+        help="slow connections trickling their headers into the front door meanwhile",
+    )
+    parser.add_argument(
+        "--slow-bodies", type=int, default=0, metavar="N",
+        help="slow connections trickling a declared 100 kB body into the front door meanwhile",
+    )
     args = parser.parse_args(argv)
     if args.restart_triton_after and args.replicas != 1:
         parser.error("--restart-triton-after is for one replica; use --stop-replica")
@@ -371,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         "TRITON_QUEUE_TIMEOUT_S": "100",
         "LOG_LEVEL": "WARNING",
     }
+    # Every client calls from 127.0.0.1: room for all of them under the per-address cap.
+    front_door = {"CONNECTIONS_PER_ADDRESS": str(args.clients + 8)}
     group = None
     if args.replicas > 1:
         group = ReplicaGroup.launch(args.replicas, workdir, addressing=args.addressing)
@@ -389,23 +406,28 @@ def main(argv: list[str] | None = None) -> int:
             # Only the run's settings: a developer's GATEWAY_* (API keys, say) would change it.
             environ={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
             gateway_settings=settings,
+            front_door_settings=front_door,
         )
         storage = stack.front if isinstance(stack.front, FlakyStorage) else None
         with stack:
             s3, gateway = stack.bucket(), stack.gateway
             presign, get_object = presigner(s3, storage), object_reader(s3)
             pid = gateway.worker_pids()
-            drive(gateway.url, presign, clients=args.clients, requests=1, run_id="warmup")
+            drive(stack.url, presign, clients=args.clients, requests=1, run_id="warmup")
             if storage:
                 storage.actions.clear()
-            calls_before, retries_before = gateway_calls(gateway.url)
+            calls_before, retries_before = gateway_calls(stack.probe_url)
+            slow = None
+            if args.slow_headers or args.slow_bodies:
+                raise_open_files(args.slow_headers + args.slow_bodies + 1024)
+                slow = SlowClients(stack.url, args.slow_headers, args.slow_bodies).start()
             rss_before = gateway.rss_bytes()
             outcomes: list[Outcome] = []
             started = time.monotonic()
             with RssSampler(gateway.rss_bytes) as rss:
                 traffic = threading.Thread(
                     target=drive,
-                    args=(gateway.url, presign),
+                    args=(stack.url, presign),
                     kwargs={"clients": args.clients, "requests": args.requests, "outcomes": outcomes},
                 )
                 traffic.start()
@@ -420,7 +442,14 @@ def main(argv: list[str] | None = None) -> int:
                     extra.append(stop_replica(group, args.stop_replica, answered(outcomes)))
                     print(extra[-1], flush=True)
                 traffic.join()
-            calls, retries = gateway_calls(gateway.url)
+            slow_connections: list[Connection] = []
+            if slow is not None:
+                held_at_once = dict(slow.peak)
+                timeouts = stack.front_door.settings
+                slow_connections = slow.stop(
+                    timeout_s=max(timeouts.header_timeout_s, timeouts.body_timeout_s) + 30
+                )
+            calls, retries = gateway_calls(stack.probe_url)
             report = Report(
                 outcomes, time.monotonic() - started, rss_before, rss.peak, gateway.rss_bytes(),
                 storage.actions if storage else Counter(),
@@ -428,10 +457,16 @@ def main(argv: list[str] | None = None) -> int:
             found = violations(outcomes, get_object, allow_503=bool(args.restart_triton_after))
             if gateway.worker_pids() != pid:
                 found.append("the gateway's worker was restarted")
+            if slow is not None:
+                extra.append(f"slow connections held at once: {held_at_once}")
+                extra.extend(summary(slow_connections))
+                found.extend(slow_violations(slow_connections, stack.front_door.settings))
     finally:
         if group:
             group.stop()
     print("\n".join(report.lines()))
+    if extra and not group:
+        print("\n".join(extra))
     if group:
         print(f"replicas: {args.replicas} ({args.addressing}), Triton calls of the run:")
         print("\n".join(extra))
@@ -439,6 +474,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(replica_lines(calls - calls_before, retries - retries_before, addresses)))
     print("\n".join(found[:20]) if found else "OK: no violation")
     return 1 if found else 0
+
+
+# How far from its timeout a slow connection may be seen closed (this process notes a connect
+# or a close late while it also drives the load).
+SLOW_CLOSE_SLACK_S = 3.0
+
+
+def slow_violations(connections: list[Connection], front: FrontDoorSettings) -> list[str]:
+    """Slow connections the front door did not close in time, or answered."""
+    found = []
+    for c in connections:
+        limit = front.header_timeout_s if c.kind == "header" else front.body_timeout_s
+        since = c.held_s if c.kind == "header" else c.quiet_s
+        if not c.by_server or since is None:
+            found.append(f"a slow {c.kind} connection from {c.source} was never closed")
+        elif since > limit + SLOW_CLOSE_SLACK_S:
+            found.append(f"a slow {c.kind} connection from {c.source} closed after {since:.1f}s")
+        elif c.answer:
+            found.append(f"a slow {c.kind} connection got an answer: {c.answer[:80]!r}")
+    return found
 
 
 def stop_replica(group: ReplicaGroup, how: str, answers: int) -> str:

@@ -1,6 +1,8 @@
 """docker-compose.yml and deploy/docker: validated by Debian's docker-compose (no Docker engine
 here, so nothing is built or run), and checked against the project's own facts: the gateway's
-settings, the models in the repository, the Prometheus config, the embedded Triton's version."""
+settings, the front door's (the same nginx configuration as `make serve`, its values agreeing
+with the gateway's and accepted by a real nginx), the models in the repository, the Prometheus
+config, the embedded Triton's version."""
 
 from __future__ import annotations
 
@@ -18,6 +20,14 @@ from typing import Any
 import pytest
 import yaml
 
+from embedded.front_door import (
+    MAIN_CONFIG,
+    TEMPLATE,
+    FrontDoor,
+    FrontDoorError,
+    FrontDoorSettings,
+    template_variables,
+)
 from embedded.triton import DEFAULT_REPOSITORY
 from gateway.settings import Settings
 from tests.deploy.tools import require
@@ -33,7 +43,8 @@ EMBEDDED_TRITON_VERSION = "2.51.0"
 def compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     # The file's defaults, not whatever this shell happens to export.
     environ = {
-        k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "TRITON_", "IMAGEGEN_"))
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("GATEWAY_", "TRITON_", "IMAGEGEN_", "FRONT_"))
     }
     return subprocess.run(
         [require("docker-compose"), "-f", str(ROOT / "docker-compose.yml"), *args],
@@ -50,8 +61,8 @@ def services() -> dict[str, Any]:
     return yaml.safe_load(resolved.stdout)["services"]
 
 
-def test_the_three_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"triton", "gateway", "prometheus"}
+def test_the_services(services: dict[str, Any]) -> None:
+    assert set(services) == {"triton", "gateway", "front", "prometheus"}
 
 
 def test_triton_has_a_gpu_shared_memory_the_repository_and_the_weights(services: dict[str, Any]) -> None:
@@ -102,11 +113,11 @@ def test_the_triton_image_and_the_embedded_binary_are_the_releases_the_docs_name
 def test_the_gateway_starts_with_these_settings(services: dict[str, Any]) -> None:
     env = {k: str(v) for k, v in services["gateway"]["environment"].items()}
     settings = Settings.from_env(env)  # an unknown or bad GATEWAY_* would stop the gateway
-    assert settings.host == "0.0.0.0" and settings.workers > 1
+    assert settings.workers > 1
     assert settings.triton_url == "dns:///triton:8001"
     assert settings.triton_metrics_url == "http://triton:8002/metrics"
-    [port] = services["gateway"]["ports"]
-    assert port["target"] == settings.port
+    # gunicorn on loopback: only its front door, in the same network namespace, reaches it.
+    assert settings.host == "127.0.0.1"
 
 
 def test_prometheus_scrapes_the_ports_the_services_serve(services: dict[str, Any]) -> None:
@@ -115,8 +126,10 @@ def test_prometheus_scrapes_the_ports_the_services_serve(services: dict[str, Any
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job["dns_sd_configs"][0] for job in config["scrape_configs"]}
-    gateway_port = int(services["gateway"]["environment"]["GATEWAY_PORT"])
-    assert jobs["gateway"] == {"names": ["gateway"], "type": "A", "port": gateway_port}
+    # The front door's probe port, in the gateway's network namespace.
+    probe_port = int(services["front"]["environment"]["FRONT_PROBE_PORT"])
+    assert services["front"]["network_mode"] == "service:gateway"
+    assert jobs["gateway"] == {"names": ["gateway"], "type": "A", "port": probe_port}
     assert jobs["triton"] == {"names": ["triton"], "type": "A", "port": 8002}
     assert "8002" in services["triton"]["expose"]
     # The image runs the Prometheus whose promtool checks the rules here.
@@ -125,6 +138,54 @@ def test_prometheus_scrapes_the_ports_the_services_serve(services: dict[str, Any
     ).stdout
     promtool = re.search(r"version (\d+\.\d+)\.", version)
     assert promtool and prometheus["image"].startswith(f"prom/prometheus:v{promtool.group(1)}.")
+
+
+def front_door(services: dict[str, Any]) -> FrontDoorSettings:
+    """The front door's settings as the image's entrypoint renders them, checked against the
+    gateway's settings (a derived value that disagrees raises)."""
+    env = {k: str(v) for k, v in services["front"]["environment"].items()}
+    gateway = {k: str(v) for k, v in services["gateway"]["environment"].items()}
+    # The entrypoint substitutes only these: nginx's own $variables stay as written.
+    assert env.pop("NGINX_ENVSUBST_FILTER") == "^FRONT_"
+    # Every variable of the template has its value, and nothing else is set.
+    assert set(env) == template_variables(TEMPLATE.read_text())
+    return FrontDoorSettings.from_env(env, Settings.from_env(gateway))
+
+
+def test_the_front_door_is_make_serves_and_takes_the_published_port(
+    services: dict[str, Any], tmp_path: Path
+) -> None:
+    front, gateway = services["front"], services["gateway"]
+    assert front["image"].startswith("nginxinc/nginx-unprivileged:")  # uid 101, port 8080
+    assert front["network_mode"] == "service:gateway"
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in front["volumes"]}
+    assert mounts == {
+        "/etc/nginx/nginx.conf": str(MAIN_CONFIG),
+        "/etc/nginx/templates/gateway.conf.template": str(TEMPLATE),
+    }
+    # The image's entrypoint renders into conf.d: writable, and without the image's own server.
+    assert front["tmpfs"] == ["/etc/nginx/conf.d"]
+    # The prefix for the pid file and temp folders (deploy/nginx/nginx.conf), as LocalStack's.
+    assert front["command"] == ["nginx", "-p", "/tmp/", "-g", "daemon off;"]
+
+    settings = front_door(services)
+    gateway_settings = Settings.from_env({k: str(v) for k, v in gateway["environment"].items()})
+    assert settings.upstream == f"{gateway_settings.host}:{gateway_settings.port}"
+    assert settings.probe_upstream == f"{gateway_settings.host}:{gateway_settings.probe_port}"
+    [published] = gateway["ports"]
+    assert published["target"] == settings.port
+    assert settings.probe_port != settings.port
+    # A real nginx takes the configuration these values render.
+    FrontDoor(settings, tmp_path).check_config()
+
+
+def test_a_raised_deadline_needs_the_front_door_to_wait_as_long(tmp_path: Path) -> None:
+    raised = compose("config", GATEWAY_TRITON_DEADLINE_S="300")
+    assert raised.returncode == 0, raised.stderr
+    with pytest.raises(FrontDoorError, match="FRONT_UPSTREAM_TIMEOUT_S=182"):
+        front_door(yaml.safe_load(raised.stdout)["services"])
+    both = compose("config", GATEWAY_TRITON_DEADLINE_S="300", FRONT_UPSTREAM_TIMEOUT_S="362")
+    assert front_door(yaml.safe_load(both.stdout)["services"]).upstream_timeout_s == 362
 
 
 def _third_party_imports(folder: Path) -> set[str]:

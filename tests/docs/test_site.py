@@ -20,6 +20,7 @@ from types import ModuleType
 import pytest
 import yaml
 
+from embedded.front_door import settings_table as front_door_settings_table
 from gateway.openapi import build_openapi
 from gateway.settings import Settings, settings_table
 
@@ -173,7 +174,11 @@ def test_the_settings_page_lists_every_setting_as_the_code_documents_it(
     rows = {row[0]: row[1:] for row in _table_rows(site / "settings.html") if row}
     for variable, default, meaning in settings_table():
         assert rows.get(variable) == [default or "(empty)", _as_text(meaning)], variable
-    assert len(rows) == len(settings_table()) + 1  # and the header
+    # The front door's, likewise (embedded/front_door.py).
+    for variable, default, meaning in front_door_settings_table():
+        assert rows.get(variable) == [default, _as_text(meaning)], variable
+    # And the header, which both tables share.
+    assert len(rows) == len(settings_table()) + len(front_door_settings_table()) + 1
 
 
 def test_the_endpoint_table_lists_every_operation_of_the_openapi_document(site: Path) -> None:
@@ -222,7 +227,7 @@ def test_the_getting_started_page_shows_the_readmes_first_run_table(site: Path) 
     page_rows = [row[0] for row in _table_rows(site / "getting-started.html")]
     assert "the whole suite" in page_rows
     assert set(page_rows) - {"step"} <= set(readme_rows)
-    assert "nothing else is installed by hand" in page
+    assert "nginx-light" in page  # the one system package the stack needs
 
 
 def _project_files() -> Iterator[Path]:

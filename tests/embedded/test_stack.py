@@ -1,5 +1,6 @@
-"""`make serve` then `make demo`: the real `python -m embedded.stack` (Triton, moto, gunicorn)
-on free ports, the real `python -m embedded.demo` against it, then SIGTERM stops everything."""
+"""`make serve` then `make demo`: the real `python -m embedded.stack` (Triton, moto, gunicorn and
+its front door, nginx) on free ports, the real `python -m embedded.demo` against the front door,
+then SIGTERM stops everything."""
 
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def test_serve_then_demo_then_sigterm(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("http", "grpc", "metrics", "s3", "gateway")}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    ports = {name: free_port() for name in ("http", "grpc", "metrics", "s3", "gateway", "probes")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FRONT_"))}
     env.update(
-        GATEWAY_PORT=str(ports["gateway"]),
+        # The clients' port is the front door's; gunicorn takes a free one behind it.
+        FRONT_PORT=str(ports["gateway"]),
+        FRONT_PROBE_PORT=str(ports["probes"]),
         GATEWAY_MAX_STEPS="20",  # a GATEWAY_* variable from the environment is honoured
         PYTHONPATH=str(PROJECT_ROOT),
     )
@@ -68,6 +71,7 @@ def test_serve_then_demo_then_sigterm(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
     )
     gateway = f"http://127.0.0.1:{ports['gateway']}"
+    probes = f"http://127.0.0.1:{ports['probes']}"
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and stack.poll() is None:
@@ -76,7 +80,13 @@ def test_serve_then_demo_then_sigterm(tmp_path: Path) -> None:
             time.sleep(0.5)
         output = (tmp_path / "stack.out").read_text(errors="replace")
         assert stack.poll() is None and "ready: try `make demo`" in output, output[-3000:]
-        assert _get(f"{gateway}/readyz")[0] == 200
+        # No key given: the stack itself opted into anonymous access, on loopback, and says so.
+        assert "access    ANYONE on this machine, no API key: GATEWAY_ALLOW_ANONYMOUS=true" in output
+        assert _get(f"{probes}/readyz")[0] == 200
+        # Probes and scrapes have their own port; the clients' one does not serve them.
+        with urllib.request.urlopen(f"{probes}/metrics", timeout=5) as scrape:
+            assert b"gateway_http_requests_total" in scrape.read()
+        assert _get(f"{gateway}/metrics")[0] == 404
 
         demo = subprocess.run(
             [
@@ -120,3 +130,19 @@ def test_serve_then_demo_then_sigterm(tmp_path: Path) -> None:
                 stack.kill()
                 stack.wait()
         log.close()
+
+
+def test_only_a_stack_on_loopback_opts_into_anonymous_access(tmp_path: Path) -> None:
+    from embedded.stack import LocalStack
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    loopback = LocalStack(tmp_path / "a", host="127.0.0.1", environ=clean)
+    assert loopback.gateway.env["GATEWAY_ALLOW_ANONYMOUS"] == "true"
+    assert "ANYONE" in loopback.access()
+    # Anywhere else the gateway refuses to start keyless, unless told.
+    exposed = LocalStack(tmp_path / "b", host="0.0.0.0", environ=clean)
+    assert "GATEWAY_ALLOW_ANONYMOUS" not in exposed.gateway.env
+    keyed = LocalStack(tmp_path / "c", host="127.0.0.1",
+                       environ={**clean, "GATEWAY_API_KEYS": "k" * 32})
+    assert "GATEWAY_ALLOW_ANONYMOUS" not in keyed.gateway.env
+    assert "with an API key" in keyed.access()

@@ -23,9 +23,12 @@ class GunicornGateway(GatewayProcess):
     """Ready once /healthz answers: some tests run it while Triton is down."""
 
     def __init__(self, log_path: Path, **settings: str) -> None:
-        """`settings` are GATEWAY_* variables without the prefix, e.g. TRITON_URL="..."."""
+        """`settings` are GATEWAY_* variables without the prefix, e.g. TRITON_URL="...". Without
+        API keys the gateway serves everyone (ALLOW_ANONYMOUS), unless `settings` say otherwise."""
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        if not {"API_KEYS", "API_KEYS_FILE"} & settings.keys():
+            env["GATEWAY_ALLOW_ANONYMOUS"] = "true"
         env.update({f"GATEWAY_{k}": v for k, v in settings.items()})
         env.update(GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(self.port))
         env["PYTHONPATH"] = str(PROJECT_ROOT)

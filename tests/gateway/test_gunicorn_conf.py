@@ -5,6 +5,7 @@ it)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -86,8 +87,30 @@ def test_the_master_loads_no_grpc_and_no_metrics_client_before_forking() -> None
         "print(sorted(m for m in ('grpc', 'prometheus_client', 'tritonclient.grpc') "
         "if m in sys.modules))"
     )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
         cwd=Path(__file__).resolve().parents[2], timeout=60,
+        env={**env, "GATEWAY_ALLOW_ANONYMOUS": "true"},
     )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_master_refuses_threads_that_leave_probes_no_room() -> None:
+    # MAX_IN_FLIGHT requests may hold a thread each for minutes; the spare threads answer
+    # probes meanwhile (gateway/settings.py, SPARE_THREADS), so gunicorn does not start without.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_ALLOW_ANONYMOUS"] = "true"
+    code = "import runpy; runpy.run_path('gateway/gunicorn.conf.py')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).resolve().parents[2], timeout=60,
+        env={**env, "GATEWAY_THREADS": "7", "GATEWAY_MAX_IN_FLIGHT": "6"},
+    )
+    assert done.returncode != 0
+    assert "GATEWAY_THREADS (7) must be at least GATEWAY_MAX_IN_FLIGHT (6) + 2" in done.stderr
+    assert subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).resolve().parents[2], timeout=60,
+        env={**env, "GATEWAY_THREADS": "8", "GATEWAY_MAX_IN_FLIGHT": "6"},
+    ).returncode == 0

@@ -200,8 +200,10 @@ def test_gunicorn_with_two_workers_reports_totals_summed_over_workers(tmp_path: 
         GATEWAY_PORT=str(port),
         GATEWAY_WORKERS="2",
         GATEWAY_THREADS="4",
+        GATEWAY_MAX_IN_FLIGHT="2",  # THREADS leaves 2 spare threads (gateway/settings.py)
         GATEWAY_METRICS_DIR=str(metrics_dir),
         GATEWAY_TRITON_URL=f"127.0.0.1:{free_port()}",  # no Triton: /healthz does not need it
+        GATEWAY_ALLOW_ANONYMOUS="true",
         PYTHONPATH=str(PROJECT_ROOT),
     )
     log = (tmp_path / "gunicorn.log").open("wb")

@@ -162,3 +162,21 @@ def test_the_shutdown_timeout_covers_the_longest_request_unless_set() -> None:
     assert s.graceful_timeout_s == 120 + 4 * 10 + (1 + 2 + 4) + 5
     assert Settings(triton_deadline_s=10, upload_backoff=()).graceful_timeout_s == 10 + 10 + 5
     assert Settings(shutdown_timeout_s=3).graceful_timeout_s == 3
+    # What the front door waits for (embedded/front_door.py) is the longest request, always.
+    assert Settings(shutdown_timeout_s=3).longest_request_s == s.graceful_timeout_s
+
+
+def test_gunicorn_keeps_spare_threads_beyond_the_in_flight_bound() -> None:
+    assert Settings().threads_problem() is None  # 8 threads, 6 in flight
+    assert Settings(threads=8 + 1, max_in_flight=7).threads_problem() is None
+    problem = Settings(threads=8, max_in_flight=7).threads_problem()
+    assert problem is not None
+    assert "GATEWAY_THREADS (8) must be at least GATEWAY_MAX_IN_FLIGHT (7) + 2" in problem
+
+
+def test_trusted_proxies_are_addresses_or_networks() -> None:
+    assert Settings().trusted_proxies == ("127.0.0.1", "::1")
+    s = Settings.from_env({"GATEWAY_TRUSTED_PROXIES": " 10.0.0.0/8, fd00::1 "})
+    assert s.trusted_proxies == ("10.0.0.0/8", "fd00::1")
+    with pytest.raises(SettingsError, match="GATEWAY_TRUSTED_PROXIES"):
+        Settings.from_env({"GATEWAY_TRUSTED_PROXIES": "nginx.local"})
