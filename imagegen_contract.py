@@ -51,6 +51,13 @@ MODEL_DEFAULT_GUIDANCE = -1.0  # any negative value: the model's default_guidanc
 # parameters.
 TIMEOUT_MS = "timeout_ms"
 
+# The diffusion model's test hook: on a Triton started with TEST_HOLD_ENV=1 (the test suite's,
+# never a deployment's), a request whose parameter TEST_HOLD is true keeps its pass at the end of
+# a step until it is cancelled or its timeout_ms has passed, so that tests hold the model with
+# something they release instead of racing it.
+TEST_HOLD_ENV = "IMAGEGEN_DIFFUSION_TEST_HOLD"
+TEST_HOLD = "hold"
+
 NO_UPSCALE = 1  # SCALE 1: the upscaler passes the image through
 UPSCALE_FACTOR = 2
 SCALES = (NO_UPSCALE, UPSCALE_FACTOR)

@@ -21,6 +21,7 @@ from google.protobuf import json_format, text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
+import imagegen_contract
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.nsfw import VARIANTS
 from gateway.triton import contract
@@ -31,11 +32,9 @@ DIFFUSION = contract.Model.DIFFUSION.value
 # The largest difference a seed's image may show between running alone and sharing a pass:
 # batched matrix products round differently (1/255 measured; docs/models.md, "Batching").
 BATCH_PIXEL_TOLERANCE = 2
-# The diffusion model's test hook (model_repository/diffusion/1/model.py, `_hold`): on a Triton
-# started with HOLD_ENV=1, a request whose parameter HOLD is true keeps its pass at the end of its
-# first step until it is cancelled or its timeout_ms has passed. The suite's Triton has it on.
-HOLD_ENV = "IMAGEGEN_DIFFUSION_TEST_HOLD"
-HOLD = "hold"
+# The diffusion model's test hook (imagegen_contract.TEST_HOLD): the suite's Triton has it on.
+HOLD_ENV = imagegen_contract.TEST_HOLD_ENV
+HOLD = imagegen_contract.TEST_HOLD
 # A held generation's own timeout: a test that never releases its hold frees the model after it.
 HOLD_LIMIT_MS = 600_000
 

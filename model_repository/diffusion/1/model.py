@@ -34,6 +34,8 @@ from imagegen_contract import (
     RANDOM_SEED,
     SEED,
     STEPS,
+    TEST_HOLD,
+    TEST_HOLD_ENV,
     TIMEOUT_MS,
     WIDTH,
     DiffusionParameter,
@@ -96,7 +98,7 @@ class TritonPythonModel:
         # requests runs as several passes, so a batch of big images cannot exhaust the memory.
         self.max_batch_pixels = int(params.get("max_batch_pixels", "0"))
         # A test hook (see _hold), off unless Triton starts with this variable set to 1.
-        self.holds = os.environ.get("IMAGEGEN_DIFFUSION_TEST_HOLD") == "1"
+        self.holds = os.environ.get(TEST_HOLD_ENV) == "1"
         if int(params.get("torch_threads", "0")) > 0:
             torch.set_num_threads(int(params["torch_threads"]))
 
@@ -295,7 +297,7 @@ class TritonPythonModel:
         if not self.holds:
             return
         held = [job for job in live
-                if json.loads(job.request.parameters() or "{}").get("hold") is True]
+                if json.loads(job.request.parameters() or "{}").get(TEST_HOLD) is True]
         while any(not job.answered and job.stop_reason() is None for job in held):
             time.sleep(0.01)
 
