@@ -1,7 +1,7 @@
 """Offline checks of deploy/kubernetes: every kustomization rendered by `kubectl kustomize`,
 validated by `kubernetes-validate --strict`, scanned by checkov, and held against the project's
-own facts (the gateway's settings, Triton's flags, the Dockerfiles, the Prometheus rules and
-scrape config, the prometheus-adapter rules).
+own facts (the gateway's settings, its front door's, Triton's flags, the Dockerfiles, the
+Prometheus rules and scrape config, the prometheus-adapter rules).
 
 Each check takes a tree (the repository's deploy/kubernetes, or a test's broken copy of it) or
 what was rendered from it, and returns its problems as sentences: an empty list is a pass.
@@ -13,12 +13,22 @@ import json
 import math
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import imagegen_contract
+from embedded.front_door import (
+    MAIN_CONFIG,
+    TEMPLATE,
+    FrontDoor,
+    FrontDoorError,
+    FrontDoorSettings,
+    template_variables,
+)
 from embedded.triton import DEFAULT_REPOSITORY as MODEL_REPOSITORY
 from embedded.triton import PROJECT_ROOT as ROOT
 from gateway.settings import PREFIX, Settings, SettingsError
@@ -146,9 +156,14 @@ def policy_problems(report: dict[str, Any]) -> list[str]:
 # --- consistency with the project's own facts ----------------------------------------------------
 
 
-def _container(deployment: dict[str, Any]) -> dict[str, Any]:
-    [container] = deployment["spec"]["template"]["spec"]["containers"]
-    return container
+def _container(deployment: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    """The Deployment's container `name`, or its only one."""
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    if name is None:
+        [container] = containers
+        return container  # type: ignore[no-any-return]
+    [container] = [c for c in containers if c["name"] == name]
+    return container  # type: ignore[no-any-return]
 
 
 def _port(container: dict[str, Any], name_or_number: str | int) -> int | None:
@@ -163,13 +178,13 @@ def _flags(container: dict[str, Any]) -> dict[str, str]:
 
 
 def _volume_mount(
-    deployment: dict[str, Any], path: str
+    deployment: dict[str, Any], path: str, container: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(volumeMount, volume) of the mount that holds `path`, the deepest one."""
+    """(volumeMount, volume) of the mount that holds `path` in `container`, the deepest one."""
     spec = deployment["spec"]["template"]["spec"]
     mounts = [
         m
-        for m in _container(deployment).get("volumeMounts", [])
+        for m in _container(deployment, container).get("volumeMounts", [])
         if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
     ]
     if not mounts:
@@ -188,7 +203,7 @@ def gateway_environment(rendered: Rendered) -> dict[str, str]:
     """The gateway container's environment as the kubelet builds it; secrets stand in as a
     placeholder (their values are never in the repository)."""
     deployment = rendered.get("Deployment", "imagegen-gateway")
-    container = _container(deployment)
+    container = _container(deployment, "gateway")
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         config_map = rendered.get("ConfigMap", source["configMapRef"]["name"])
@@ -200,7 +215,7 @@ def gateway_environment(rendered: Rendered) -> dict[str, str]:
 
 def gateway_problems(rendered: Rendered) -> list[str]:
     deployment = rendered.get("Deployment", "imagegen-gateway")
-    container = _container(deployment)
+    container = _container(deployment, "gateway")
     env = gateway_environment(rendered)
     try:
         settings = Settings.from_env(env)  # what the gateway does at start
@@ -231,24 +246,33 @@ def gateway_problems(rendered: Rendered) -> list[str]:
         )
     if settings.triton_metrics_url != f"http://{name}:{ports.get('metrics')}/metrics":
         problems.append(f"GATEWAY_TRITON_METRICS_URL {settings.triton_metrics_url} is not Triton's")
-    if settings.host != "0.0.0.0" or _port(container, "http") != settings.port:
+    # Clients, probes and Prometheus reach the front door; gunicorn only through it.
+    if settings.host != "127.0.0.1" or container.get("ports"):
         problems.append(
-            f"gunicorn binds {settings.host}:{settings.port}, the container port is "
-            f"{_port(container, 'http')}"
+            f"gunicorn binds {settings.host}:{settings.port} with container ports "
+            f"{container.get('ports')}: not on the pod's loopback behind its front door"
         )
+    front_problems, front = front_door_problems(rendered, settings)
+    problems += front_problems
+    if front is None:
+        return problems
+    front_container = _container(deployment, "front")
     gateway_service = rendered.get("Service", "imagegen-gateway")
-    for port in gateway_service["spec"]["ports"]:
-        if _port(container, port["targetPort"]) != settings.port:
-            problems.append(
-                f"Service port {port['name']} targets {port['targetPort']}, not the gateway"
-            )
+    targets = {port["name"]: port["targetPort"] for port in gateway_service["spec"]["ports"]}
+    if {name: _port(front_container, t) for name, t in targets.items()} != {
+        "http": front.port,
+        "probes": front.probe_port,
+    }:
+        problems.append(f"Service ports {targets} are not the front door's http and probes")
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container.get(probe, {}).get("httpGet", {})
-        if get.get("path") != path or _port(container, get.get("port", "")) != settings.port:
-            problems.append(f"gateway {probe} is not {path} on its port")
+        if get.get("path") != path or get.get("port") != front.probe_port:
+            problems.append(f"gateway {probe} is not {path} on the front door's probe port")
     readiness = container.get("readinessProbe", {})
     if readiness.get("timeoutSeconds", 1) <= settings.probe_timeout_s:
         problems.append("the readiness probe gives up before /readyz's own Triton probes can")
+    if _pre_stop_s(front_container) != _pre_stop_s(container):
+        problems.append("the front door's preStop is not the gateway's: one stops accepting first")
     grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
     needed = _pre_stop_s(container) + math.ceil(settings.graceful_timeout_s)
     if grace < needed:
@@ -256,7 +280,7 @@ def gateway_problems(rendered: Rendered) -> list[str]:
     if settings.metrics_dir is None or settings.workers < 2:
         problems.append("several gunicorn workers with a shared metrics directory expected")
     else:
-        found = _volume_mount(deployment, settings.metrics_dir)
+        found = _volume_mount(deployment, settings.metrics_dir, "gateway")
         if not found or "emptyDir" not in found[1] or found[0].get("readOnly"):
             problems.append(
                 f"GATEWAY_METRICS_DIR {settings.metrics_dir} is not a writable emptyDir"
@@ -264,12 +288,73 @@ def gateway_problems(rendered: Rendered) -> list[str]:
     if settings.api_keys_file is None:
         problems.append("no GATEWAY_API_KEYS_FILE: the gateway would serve everyone")
     else:
-        found = _volume_mount(deployment, settings.api_keys_file)
+        found = _volume_mount(deployment, settings.api_keys_file, "gateway")
         if not found or "secret" not in found[1] or found[1]["secret"].get("optional"):
             problems.append(
                 f"GATEWAY_API_KEYS_FILE {settings.api_keys_file} is not on a required Secret"
             )
     return problems
+
+
+def front_door_problems(
+    rendered: Rendered, settings: Settings
+) -> tuple[list[str], FrontDoorSettings | None]:
+    """The gateway pod's `front` container is the front door of make serve and compose: the
+    same two nginx files, FRONT_* values that render the whole template and agree with the
+    gateway's settings, nginx accepting what they render; and its settings."""
+    deployment = rendered.get("Deployment", "imagegen-gateway")
+    try:
+        container = _container(deployment, "front")
+    except ValueError:
+        return ["the gateway pod has no `front` container: clients would reach gunicorn"], None
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(rendered.get("ConfigMap", source["configMapRef"]["name"]).get("data", {}))
+    problems = []
+    if env.pop("NGINX_ENVSUBST_FILTER", None) != "^FRONT_":
+        problems.append("the image's envsubst is not limited to FRONT_* (NGINX_ENVSUBST_FILTER)")
+    missing = template_variables(TEMPLATE.read_text()) ^ set(env)
+    if missing:
+        problems.append(f"the front door's variables and the template's differ: {sorted(missing)}")
+    try:
+        front = FrontDoorSettings.from_env(env, settings)
+    except FrontDoorError as exc:
+        return [*problems, f"the front door disagrees with the gateway: {exc}"], None
+    if front.upstream != f"{settings.host}:{settings.port}" or front.probe_upstream != (
+        f"{settings.host}:{settings.probe_port}"
+    ):
+        problems.append(
+            f"the front door proxies to {front.upstream} and {front.probe_upstream}; gunicorn is "
+            f"on {settings.host}:{settings.port}, its probes on port {settings.probe_port}"
+        )
+    if (_port(container, "http"), _port(container, "probes")) != (front.port, front.probe_port):
+        problems.append("the front container's http and probes ports are not FRONT_PORT's and "
+                        "FRONT_PROBE_PORT's")
+    if not container["image"].startswith("nginxinc/nginx-unprivileged:"):
+        problems.append(f"the front door runs {container['image']}, not nginx-unprivileged")
+    if container.get("args") != ["nginx", "-p", "/tmp/", "-g", "daemon off;"]:
+        problems.append(f"the front door's args {container.get('args')} are not make serve's")
+    for path, source in (
+        ("/etc/nginx/nginx.conf", MAIN_CONFIG),
+        ("/etc/nginx/templates/gateway.conf.template", TEMPLATE),
+    ):
+        found = _volume_mount(deployment, path, "front")
+        if not found or "configMap" not in found[1]:
+            problems.append(f"{path} is not mounted from a ConfigMap")
+            continue
+        data = rendered.get("ConfigMap", found[1]["configMap"]["name"]).get("data", {})
+        if data.get(found[0].get("subPath", "")) != source.read_text():
+            problems.append(f"{path} is not deploy/nginx/{source.name}")
+    for path in ("/etc/nginx/conf.d", "/tmp"):
+        found = _volume_mount(deployment, path, "front")
+        if not found or "emptyDir" not in found[1] or found[0].get("readOnly"):
+            problems.append(f"the front door's {path} is not a writable emptyDir")
+    with tempfile.TemporaryDirectory() as prefix:
+        try:
+            FrontDoor(front, Path(prefix)).check_config()
+        except FrontDoorError as exc:
+            problems.append(str(exc))
+    return problems, front
 
 
 def triton_problems(rendered: Rendered, shape: str) -> list[str]:
@@ -342,6 +427,8 @@ def triton_problems(rendered: Rendered, shape: str) -> list[str]:
         problems.append(
             f"IMAGEGEN_* variables the models read but the pod does not set: {sorted(read - set(env))}"
         )
+    if imagegen_contract.TEST_HOLD_ENV in env:
+        problems.append(f"{imagegen_contract.TEST_HOLD_ENV} is the models' test hook: no pod sets it")
     for name in sorted(read & set(env)):
         if not env[name]:
             continue
@@ -485,7 +572,7 @@ def image_problems(rendered: Rendered) -> list[str]:
     }
     problems = []
     for name, image in expected.items():
-        found = _container(rendered.get("Deployment", name))["image"]
+        found = _container(rendered.get("Deployment", name), name.removeprefix("imagegen-"))["image"]
         if found != image:
             problems.append(f"{name} runs {found}; the Dockerfile and pyproject.toml make {image}")
     return problems

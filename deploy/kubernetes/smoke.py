@@ -1,7 +1,8 @@
 """After `kubectl apply`: is the image service serving on this cluster? One check a line.
 
     python deploy/kubernetes/smoke.py --api-key "$KEY"        # kubectl's current context
-    python deploy/kubernetes/smoke.py --dry-run --gateway URL --triton URL --triton-metrics URL
+    python deploy/kubernetes/smoke.py --dry-run --gateway URL --gateway-probes URL \
+        --triton URL --triton-metrics URL
 
 Run from a checkout of this repository (it reads the model names from model_repository/), with
 only Python's standard library and kubectl. The checks, each printed PASS or FAIL:
@@ -9,7 +10,8 @@ only Python's standard library and kubectl. The checks, each printed PASS or FAI
 1. gpu       every ready Triton pod sees a GPU: `nvidia-smi -L` in the pod lists one.
 2. models    Triton is ready and so is every model of the repository (through a port-forward to
              one ready Triton pod).
-3. gateway   the gateway Service answers /readyz with 200 (port-forward to the Service).
+3. gateway   the gateway Service answers /readyz with 200 on its probe port (port-forward to the
+             Service's `probes` port; the clients' port does not serve /readyz).
 4. generate  one POST /generate round trip (b64_json: nothing is uploaded); the JPEG's MD5 is
              the answer's image_hash.
 5. hpa       both HPAs read a value for their Pods metric, not <unknown>: prometheus-adapter,
@@ -48,6 +50,8 @@ MODEL_REPOSITORY = ROOT / "model_repository"
 TRITON_LABELS = "app.kubernetes.io/name=triton"
 # The HPAs of deploy/kubernetes/base and the Pods metric each must read.
 HPAS = ("imagegen-triton", "imagegen-gateway")
+# The gateway Service's probe port (base/gateway/service.yaml): /healthz, /readyz, /metrics.
+GATEWAY_PROBE_PORT = 8081
 # What the recording rules of deploy/prometheus/rules/autoscaling.yml read.
 TRITON_SIGNAL = re.compile(
     r'^nv_inference_(queue|compute_infer)_duration_us\{[^}]*model="diffusion"', re.MULTILINE
@@ -249,7 +253,7 @@ def cluster_checks(args: argparse.Namespace) -> list[tuple[str, Callable[[], str
             return check_models(url)
 
     def gateway() -> str:
-        with kubectl.port_forward("service/imagegen-gateway", 80) as url:
+        with kubectl.port_forward("service/imagegen-gateway", GATEWAY_PROBE_PORT) as url:
             return check_gateway(url)
 
     def generate() -> str:
@@ -287,6 +291,8 @@ def cluster_checks(args: argparse.Namespace) -> list[tuple[str, Callable[[], str
 
 
 def dry_checks(args: argparse.Namespace) -> list[tuple[str, Callable[[], str]]]:
+    probes = args.gateway_probes or args.gateway
+
     def metrics(url: str) -> str:
         status, body = http(url)
         if status != 200:
@@ -303,7 +309,7 @@ def dry_checks(args: argparse.Namespace) -> list[tuple[str, Callable[[], str]]]:
     def hpa() -> str:
         if len(set(TRITON_SIGNAL.findall(metrics(args.triton_metrics)))) < 2:
             raise CheckFailed("Triton exports no diffusion queue and compute durations")
-        if not GATEWAY_SIGNAL.search(metrics(f"{args.gateway}/metrics")):
+        if not GATEWAY_SIGNAL.search(metrics(f"{probes}/metrics")):
             raise CheckFailed("the gateway exports no gateway_generate_in_flight")
         return (
             "dry run: no HPA; the series both Pods metrics are recorded from are exported "
@@ -313,7 +319,7 @@ def dry_checks(args: argparse.Namespace) -> list[tuple[str, Callable[[], str]]]:
     return [
         ("gpu", gpu),
         ("models", lambda: check_models(args.triton)),
-        ("gateway", lambda: check_gateway(args.gateway)),
+        ("gateway", lambda: check_gateway(probes)),
         ("generate", lambda: check_generate(args.gateway, args)),
         ("hpa", hpa),
     ]
@@ -337,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", default="imagegen")
     parser.add_argument("--context", help="kubectl context (default: the current one)")
     parser.add_argument("--kubectl", default="kubectl")
-    parser.add_argument("--gateway", help="dry run: the gateway's URL")
+    parser.add_argument("--gateway", help="dry run: the gateway's URL (its clients' port)")
+    parser.add_argument(
+        "--gateway-probes", help="dry run: the gateway's probe port URL (default: --gateway)"
+    )
     parser.add_argument("--triton", help="dry run: Triton's HTTP URL")
     parser.add_argument("--triton-metrics", help="dry run: Triton's metrics URL")
     parser.add_argument(

@@ -36,9 +36,14 @@ def _smoke_module() -> ModuleType:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
     run_dir = tmp_path_factory.mktemp("smoke")
-    ports = {name: free_port() for name in ("http", "grpc", "metrics", "s3", "gateway")}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(GATEWAY_PORT=str(ports["gateway"]), PYTHONPATH=str(PROJECT_ROOT))
+    ports = {name: free_port() for name in ("http", "grpc", "metrics", "s3", "gateway", "probes")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FRONT_"))}
+    # The gateway as a cluster's clients and probes reach it: its front door's two ports.
+    env.update(
+        FRONT_PORT=str(ports["gateway"]),
+        FRONT_PROBE_PORT=str(ports["probes"]),
+        PYTHONPATH=str(PROJECT_ROOT),
+    )
     log_path = run_dir / "stack.out"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -89,6 +94,8 @@ def _dry_run(ports: dict[str, int], **overrides: int) -> subprocess.CompletedPro
             "--dry-run",
             "--gateway",
             f"http://127.0.0.1:{port['gateway']}",
+            "--gateway-probes",
+            f"http://127.0.0.1:{port['probes']}",
             "--triton",
             f"http://127.0.0.1:{port['http']}",
             "--triton-metrics",

@@ -41,14 +41,18 @@ def test_each_shape_deploys_the_whole_service(
 ) -> None:
     docs = rendered[name].docs
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
-    config_map = next(k for k in kinds if k.startswith("ConfigMap/"))
-    assert re.fullmatch(
-        r"ConfigMap/imagegen-gateway-[a-z0-9]{10}", config_map
-    )  # hashed: rolls on change
+    config_maps = [k for k in kinds if k.startswith("ConfigMap/")]
+    # The gateway's settings, its front door's, and the front door's nginx files; hashed: each
+    # rolls the gateways when it changes.
+    assert [re.sub(r"-[a-z0-9]{10}$", "", k) for k in config_maps] == [
+        "ConfigMap/imagegen-front-door",
+        "ConfigMap/imagegen-front-door-nginx",
+        "ConfigMap/imagegen-gateway",
+    ], config_maps
     assert kinds == sorted(
         [
             "Namespace/imagegen",
-            config_map,
+            *config_maps,
             "Deployment/imagegen-gateway",
             "Deployment/imagegen-triton",
             "HorizontalPodAutoscaler/imagegen-gateway",
@@ -183,6 +187,27 @@ BROKEN: dict[str, tuple[str, str, str, Callable[[kube.Rendered, Path], list[str]
         "            - --strict-readiness=true\n            - --http-address=0.0.0.0\n",
         _consistency,
         "Triton's HTTP port is the pod's own",
+    ),
+    "front door's body cap not the gateway's": (
+        "base/gateway/front-door.env",
+        "FRONT_GENERATE_MAX_BODY_BYTES=65536",
+        "FRONT_GENERATE_MAX_BODY_BYTES=1048576",
+        _consistency,
+        "FRONT_GENERATE_MAX_BODY_BYTES=1048576, but the gateway's settings need 65536",
+    ),
+    "gunicorn reachable past its front door": (
+        "base/gateway/gateway.env",
+        "GATEWAY_HOST=127.0.0.1",
+        "GATEWAY_HOST=0.0.0.0",
+        _consistency,
+        "not on the pod's loopback behind its front door",
+    ),
+    "liveness probe on gunicorn's own port": (
+        "base/gateway/deployment.yaml",
+        "              path: /healthz\n              port: 8081",
+        "              path: /healthz\n              port: 8000",
+        _consistency,
+        "gateway livenessProbe is not /healthz on the front door's probe port",
     ),
     "image tag that no Dockerfile makes": (
         "base/gateway/deployment.yaml",

@@ -140,11 +140,15 @@ def admitted(
 
 def _pod(rendered: kube.Rendered, deployment: str) -> Peer:
     template = rendered.get("Deployment", deployment)["spec"]["template"]
-    [container] = template["spec"]["containers"]
     return Peer(
         namespace=NAMESPACE,
         labels=template["metadata"]["labels"],
-        ports={p["name"]: p["containerPort"] for p in container.get("ports", [])},
+        # The pod's ports, whichever of its containers declares them (the gateway's front door).
+        ports={
+            p["name"]: p["containerPort"]
+            for container in template["spec"]["containers"]
+            for p in container.get("ports", [])
+        },
     )
 
 
@@ -208,9 +212,13 @@ def test_the_service_paths_are_open(rendered: kube.Rendered) -> None:
     for port in ("grpc", "metrics"):
         assert admitted(policies, gateway, triton, triton.ports[port])
     assert not admitted(policies, gateway, triton, triton.ports["http"])
-    # Prometheus as kube-prometheus-stack runs it scrapes both (the PodMonitors' ports).
+    # Prometheus as kube-prometheus-stack runs it scrapes both (the PodMonitors' ports): the
+    # gateway on its front door's probe port, which nothing else in the namespace reaches.
     assert admitted(policies, PROMETHEUS, triton, triton.ports["metrics"])
-    assert admitted(policies, PROMETHEUS, gateway, gateway.ports["http"])
+    assert admitted(policies, PROMETHEUS, gateway, gateway.ports["probes"])
+    assert not admitted(
+        policies, Peer(NAMESPACE, {"app.kubernetes.io/name": "debug"}), gateway, gateway.ports["probes"]
+    )
     # Triton reaches nothing, DNS included: its weights are on a volume, HF_HUB_OFFLINE is set.
     for destination, port in ((KUBE_DNS, 53), (NODE_LOCAL_DNS, 53), (STORAGE, 443)):
         assert not admitted(policies, triton, destination, port)
