@@ -40,14 +40,13 @@ def limit_in_flight(app: Flask, *, limit: int, retry_after_s: int, metrics: Metr
             slots.release()
 
 
-# /moderate's own bound, taken inside the shared one: it bounds memory, not threads. Each image
-# is decoded at full size once (up to 16 bytes a pixel, WebP; docs/security.md has the figures),
-# so this caps what one process holds for images whatever the shared bound admits.
+# /moderate's own bound, beside the generations' one: it bounds memory. Each image is decoded at
+# full size once at most (up to 16 bytes a pixel, WebP; docs/security.md has the figures), so this
+# caps what one process holds for images.
 MODERATIONS = "gateway.moderate"
 
 
 def limit_moderations(app: Flask, *, limit: int, retry_after_s: int, metrics: Metrics) -> None:
-    """Register after `limit_in_flight`: a refused moderation gives its shared slot back too."""
     slots = threading.BoundedSemaphore(limit)
 
     @app.before_request

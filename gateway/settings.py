@@ -346,7 +346,7 @@ class Settings:
     moderate_max_in_flight: int = _setting(
         "MODERATE_MAX_IN_FLIGHT",
         int,
-        "Most `/moderate` requests one process works on at once, within MAX_IN_FLIGHT; the next "
+        "Most `/moderate` requests one process works on at once (MAX_IN_FLIGHT is apart); the next "
         "gets 429 with Retry-After. Each may hold one full-size decoded image: see "
         "[its memory](security.md#moderate-memory-and-cpu).",
         default=1,
