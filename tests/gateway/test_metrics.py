@@ -199,8 +199,10 @@ def test_gunicorn_with_two_workers_reports_totals_summed_over_workers(tmp_path: 
     env.update(
         GATEWAY_PORT=str(port),
         GATEWAY_WORKERS="2",
-        GATEWAY_THREADS="4",
-        GATEWAY_MAX_IN_FLIGHT="2",  # THREADS leaves 2 spare threads (gateway/settings.py)
+        # The 5 invalid /generate calls below are sent at once: a worker must admit them all to
+        # answer each 400 (admission comes before validation), and THREADS keeps 2 spare threads.
+        GATEWAY_THREADS="8",
+        GATEWAY_MAX_IN_FLIGHT="6",
         GATEWAY_METRICS_DIR=str(metrics_dir),
         GATEWAY_TRITON_URL=f"127.0.0.1:{free_port()}",  # no Triton: /healthz does not need it
         GATEWAY_ALLOW_ANONYMOUS="true",
