@@ -44,6 +44,7 @@ from google.protobuf import text_format
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import model_config_pb2
 
+import imagegen_contract
 from benchmarks import ceiling
 from benchmarks.gpu import SD15_UNET
 from benchmarks.nsfw import BENCH_DIR
@@ -187,25 +188,28 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 600)
 @contextmanager
 def queued_behind(client: grpcclient.InferenceServerClient, model: str, workload: Workload,
                   metrics_url: str, count: int) -> Iterator[None]:
-    """Holds `model`'s instance with a longer request of the same shape while the block sends
-    `count` requests: they wait in the queue and leave it together, as one batch."""
+    """Holds `model`'s instance with a longer request of the same shape, held by the model's
+    hold hook (imagegen_contract.TEST_HOLD) until `count` requests wait in the queue, then
+    cancelled: they leave the queue together, as one batch, however fast this machine is."""
     steps = functools.partial(metric, metrics_url, "imagegen_diffusion_steps_total", model=model)
     before = steps()
     done: queue.Queue = queue.Queue()
-    # A few steps more than the batch's: long enough to queue behind, short enough not to wait.
-    longer = workload.generation(CLIENTS, steps=min(4 * workload.steps, workload.steps + 8))
-    client.async_infer(model, longer.inputs(upscaler=False),
-                       callback=lambda result, error: done.put(error))
+    # At least two steps: the hold waits at the end of a step that is not the last.
+    longer = workload.generation(CLIENTS, steps=max(2, workload.steps))
+    held = client.async_infer(model, longer.inputs(upscaler=False),
+                              callback=lambda result, error: done.put(error),
+                              parameters={imagegen_contract.TEST_HOLD: True})
     wait_until(lambda: steps() > before, "the longer request started")
     yield
     pending = functools.partial(metric, metrics_url, "nv_inference_pending_request_count",
                                 model=model)
     wait_until(lambda: pending() >= count or not done.empty(), f"{count} requests were queued")
     if not done.empty():
-        raise RuntimeError("the longer request ended before the batch was queued")
+        raise RuntimeError(f"the held request ended before the batch was queued: {done.get()}")
+    held.cancel()
     error = done.get(timeout=600)
-    if error is not None:
-        raise RuntimeError(f"the longer request failed: {error}")
+    if error is None or error.status() != "StatusCode.CANCELLED":
+        raise RuntimeError(f"the held request was not cancelled: {error}")
 
 
 def batch_sizes(client: grpcclient.InferenceServerClient, model: str) -> dict[int, int]:
@@ -348,8 +352,10 @@ def run(smoke: bool, only: tuple[str, ...] = (), shape: tuple[int, int, int] | N
         workdir = Path(tmp)
         repo = repository(workdir / "repository", {w.name: w.pipeline for w in chosen})
         # Empty: each generated model reads its own `model` parameter.
+        # The hold hook on: reproducibility() queues a batch behind a request it releases.
         server = TritonServer.on_free_ports(repo, workdir / "triton",
-                                            env={"IMAGEGEN_DIFFUSION_MODEL": ""})
+                                            env={"IMAGEGEN_DIFFUSION_MODEL": "",
+                                                 imagegen_contract.TEST_HOLD_ENV: "1"})
         try:
             analyzer = PerfAnalyzer.for_server(server)
             print(f"CPU: {cpu()}")
