@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedded.process import ManagedProcess, ProcessStartError
+from gateway.settings import fields_from_env
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -186,30 +187,20 @@ class FrontDoorSettings:
         """`FRONT_*` variables over the defaults, for a gateway with these settings. A derived
         variable that is set must agree with the gateway's; an unknown `FRONT_*` is an error."""
         derived = cls.derived(gateway)
-        values: dict[str, Any] = {}
-        known = set()
+        values = fields_from_env(cls, environ, PREFIX, FrontDoorError, "front door settings")
         for f in dataclasses.fields(cls):
-            name = PREFIX + f.metadata["env"]
-            known.add(name)
-            if name not in environ:
+            if f.name not in values or f.name not in derived:
                 continue
-            try:
-                values[f.name] = f.metadata["parse"](environ[name])
-            except ValueError as exc:
-                raise FrontDoorError(f"{name}={environ[name]!r}: {exc}") from None
-            if f.name in derived and not (
+            if not (
                 values[f.name] >= derived[f.name]
                 if f.metadata["at_least"]
                 else values[f.name] == derived[f.name]
             ):
                 relation = "at least " if f.metadata["at_least"] else ""
                 raise FrontDoorError(
-                    f"{name}={values[f.name]}, but the gateway's settings need {relation}"
-                    f"{derived[f.name]} ({f.metadata['doc']})"
+                    f"{PREFIX}{f.metadata['env']}={values[f.name]}, but the gateway's settings "
+                    f"need {relation}{derived[f.name]} ({f.metadata['doc']})"
                 )
-        unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
-        if unknown:
-            raise FrontDoorError(f"unknown front door settings: {', '.join(unknown)}")
         return cls(**{**derived, **values})
 
     def variables(self) -> dict[str, str]:

@@ -567,27 +567,36 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Build settings from `GATEWAY_*` variables; unknown `GATEWAY_*` names are errors."""
-        values: dict[str, Any] = {}
-        known = set()
-        for f in dataclasses.fields(cls):
-            name = PREFIX + f.metadata["env"]
-            known.add(name)
-            if name not in environ:
-                continue
-            try:
-                values[f.name] = f.metadata["parse"](environ[name])
-            except ValueError as exc:
-                shown = "(secret)" if f.metadata["secret"] else repr(environ[name])
-                raise SettingsError(f"{name}={shown}: {exc}") from None
-        # A misspelt variable would otherwise be ignored silently, the same failure as a
-        # misspelt request field.
-        unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
-        if unknown:
-            raise SettingsError(f"unknown settings: {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**fields_from_env(cls, environ, PREFIX, SettingsError, "settings"))
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def fields_from_env(
+    cls: type, environ: Mapping[str, str], prefix: str, error: type[Exception], what: str
+) -> dict[str, Any]:
+    """The values of the dataclass `cls`'s fields that `environ` sets (`prefix` + each field's
+    `env`, parsed by its `parse`); a value that does not parse, or a `prefix` variable no field
+    knows, raises `error`. A secret field's value is never shown."""
+    values: dict[str, Any] = {}
+    known = set()
+    for f in dataclasses.fields(cls):
+        name = prefix + f.metadata["env"]
+        known.add(name)
+        if name not in environ:
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](environ[name])
+        except ValueError as exc:
+            shown = "(secret)" if f.metadata.get("secret") else repr(environ[name])
+            raise error(f"{name}={shown}: {exc}") from None
+    # A misspelt variable would otherwise be ignored silently, the same failure as a
+    # misspelt request field.
+    unknown = sorted(k for k in environ if k.startswith(prefix) and k not in known)
+    if unknown:
+        raise error(f"unknown {what}: {', '.join(unknown)}")
+    return values
 
 
 def _target_problem(url: str) -> str | None:
