@@ -39,9 +39,10 @@ test: models tools
 triton: models
 	$(BIN)/python -m embedded.triton
 
-# nginx, the gateway's front door (docs/security.md): Debian's nginx-light, as root when missing.
+# nginx, the gateway's front door (docs/security.md), and Redis, the jobs' store and queue
+# (docs/jobs.md): Debian's nginx-light and redis-server, as root when missing.
 front-door:
-	sh deploy/install-tools.sh nginx
+	sh deploy/install-tools.sh nginx redis-server
 
 serve: models front-door
 	$(BIN)/python -m embedded.stack

@@ -2,7 +2,7 @@
 # System tools from Debian's packages: promtool and prometheus (`prometheus`, 2.42) for the
 # alert rules, docker-compose (1.29) to validate docker-compose.yml, chromium (a real browser,
 # headless) for the /docs page, and nginx (`nginx-light`), the gateway's front door in
-# `make serve` and in the tests.
+# `make serve` and in the tests, and Redis (`redis-server`), the jobs' store and queue.
 # `make test` runs this for all of them, `make serve` for nginx only (`sh deploy/install-tools.sh
 # nginx`): it installs what is missing with apt when we are root. When it cannot, it says so and
 # goes on: whatever needs a missing tool fails naming it.
@@ -12,6 +12,7 @@ package_of() {
     case "$1" in
         promtool | prometheus) echo prometheus ;;
         nginx) echo nginx-light ;;
+        redis-server) echo redis-server ;;
         *) echo "$1" ;;
     esac
 }
@@ -23,7 +24,7 @@ found() {
 
 missing=""
 packages=""
-for tool in ${*:-promtool prometheus docker-compose chromium nginx}; do
+for tool in ${*:-promtool prometheus docker-compose chromium nginx redis-server}; do
     found "$tool" && continue
     missing="$missing $tool"
     package=$(package_of "$tool")
@@ -56,7 +57,7 @@ apt-get update -q && apt-get install -y -q --no-install-recommends $packages || 
 [ -z "$added_policy" ] || rm -f "$policy"
 # Under systemd, units can start whatever policy-rc.d says.
 if command -v systemctl >/dev/null 2>&1; then
-    for service in prometheus nginx; do
+    for service in prometheus nginx redis-server; do
         if systemctl is-active --quiet "$service" 2>/dev/null; then
             systemctl disable --now "$service"
         fi

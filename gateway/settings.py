@@ -6,6 +6,8 @@ so tests build one directly and a bad value fails the process at start, not on t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import enum
 import ipaddress
@@ -129,6 +131,40 @@ def _parse_optional_int(raw: str) -> int | None:
 
 def _parse_optional_float(raw: str) -> float | None:
     return float(raw) if raw.strip() else None
+
+
+def _parse_schedule(raw: str) -> tuple[float, ...]:
+    # Webhook retries may wait hours (a receiver down for a deploy); uploads' stay under 300 s.
+    if not raw.strip():
+        return ()
+    delays = tuple(float(part) for part in raw.split(","))
+    if any(not (0 <= d <= 86400) for d in delays):
+        raise ValueError("each delay must be between 0 and 86400 seconds")
+    return delays
+
+
+def _parse_redis_url(raw: str) -> str | None:
+    value = raw.strip()
+    if value and not re.fullmatch(r"(rediss?|unix)://\S+", value):
+        raise ValueError("expected redis://host:port/db, rediss://... or unix:///path")
+    return value or None
+
+
+def parse_webhook_secrets(raw: str) -> tuple[str, ...]:
+    """Comma list of Standard Webhooks secrets, `whsec_` + base64 (the first signs, every one
+    is sent as a signature: receivers may hold either while secrets rotate)."""
+    secrets = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for secret in secrets:
+        body = secret.removeprefix("whsec_")
+        if body == secret or not re.fullmatch(r"[A-Za-z0-9+/]{16,}={0,2}", body):
+            raise ValueError("each secret must be whsec_ followed by base64 (at least 16 chars)")
+        try:
+            decoded = base64.b64decode(body, validate=True)
+        except binascii.Error:
+            raise ValueError("a secret's part after whsec_ is not valid base64") from None
+        if len(decoded) < 16:
+            raise ValueError("each secret must hold at least 16 bytes (128 bits)")
+    return secrets
 
 
 def parse_api_keys(raw: str) -> tuple[str, ...]:
@@ -455,6 +491,92 @@ class Settings:
         default=5.0,
     )
 
+    redis_url: str | None = _setting(
+        "REDIS_URL",
+        _parse_redis_url,
+        "The Redis that holds jobs, their queue and Idempotency-Key records, shared by every "
+        "gateway and job worker (`make serve`: redis://127.0.0.1:6379/0). Unset: `/jobs` and "
+        "`Idempotency-Key` answer 503.",
+        default=None,
+        secret=True,  # a URL may carry a password
+    )
+    redis_timeout_s: float = _setting(
+        "REDIS_TIMEOUT_S",
+        float,
+        "Bound on every call to Redis (connect and each command), seconds; past it the store "
+        "counts as down for that request (503 with Retry-After where the store is needed).",
+        default=2.0,
+    )
+    job_ttl_s: int = _setting(
+        "JOB_TTL_S", int, "How long a finished job stays readable (seconds), then 404.",
+        default=86400,
+    )
+    job_deadline_s: float = _setting(
+        "JOB_DEADLINE_S",
+        float,
+        "Deadline of a job's generation in Triton (seconds), as TRITON_DEADLINE_S is for "
+        "`/generate`; jobs are for long work, so it is longer.",
+        default=600.0,
+    )
+    job_max_wait_s: float = _setting(
+        "JOB_MAX_WAIT_S",
+        float,
+        "Longest `Prefer: wait=N` a `POST /jobs` is held for (seconds); 0 turns waiting off.",
+        default=60.0,
+    )
+    idempotency_ttl_s: int = _setting(
+        "IDEMPOTENCY_TTL_S",
+        int,
+        "How long an `Idempotency-Key` and its stored answer are kept (seconds).",
+        default=86400,
+    )
+    webhook_secrets: tuple[str, ...] = _setting(
+        "WEBHOOK_SECRETS",
+        parse_webhook_secrets,
+        "Comma list of Standard Webhooks secrets (`whsec_` + base64); deliveries carry one "
+        "signature per secret, so a receiver keeps working while secrets rotate. Unset: a job "
+        "with a `webhook` is refused (400).",
+        default=(),
+        secret=True,
+    )
+    webhook_allowed_hosts: tuple[str, ...] = _setting(
+        "WEBHOOK_ALLOWED_HOSTS",
+        _parse_hosts,
+        "Hosts a job's `webhook` may name, in UPLOAD_ALLOWED_HOSTS' form; https only unless "
+        "an entry names http:// explicitly. Empty: any public https host.",
+        default=(),
+    )
+    webhook_backoff: tuple[float, ...] = _setting(
+        "WEBHOOK_BACKOFF",
+        _parse_schedule,
+        "Seconds before each retry of a webhook delivery that failed (connection error, "
+        "timeout, non-2xx); 410 stops at once. The default gives up after about 7 hours.",
+        default=(5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 18000.0),
+    )
+    webhook_timeout_s: float = _setting(
+        "WEBHOOK_TIMEOUT_S", float, "Timeout of one webhook delivery (seconds).", default=10.0
+    )
+    worker_threads: int = _setting(
+        "WORKER_THREADS",
+        int,
+        "Jobs one worker process runs at once; at least the diffusion model's max_batch_size, "
+        "so that queued jobs of one shape share a denoising pass.",
+        default=16,
+    )
+    worker_metrics_port: int | None = _setting(
+        "WORKER_METRICS_PORT",
+        _parse_optional_int,
+        "Port of a job worker's /metrics (Prometheus); empty: none.",
+        default=8082,
+    )
+    worker_requeue_s: float = _setting(
+        "WORKER_REQUEUE_S",
+        float,
+        "A worker that has not been heard from for this long (seconds) is dead: the jobs it "
+        "held go back to the queue and run again.",
+        default=60.0,
+    )
+
     def __post_init__(self) -> None:
         problems = [msg for ok, msg in self._checks() if not ok]
         if problems:
@@ -525,6 +647,18 @@ class Settings:
                 self.triton_queue_timeout_s is None or self.triton_queue_timeout_s > 0,
                 f"{PREFIX}TRITON_QUEUE_TIMEOUT_S must be > 0",
             ),
+            (self.redis_timeout_s > 0, f"{PREFIX}REDIS_TIMEOUT_S must be > 0"),
+            (self.job_ttl_s >= 60, f"{PREFIX}JOB_TTL_S must be >= 60"),
+            (self.job_deadline_s > 0, f"{PREFIX}JOB_DEADLINE_S must be > 0"),
+            (self.job_max_wait_s >= 0, f"{PREFIX}JOB_MAX_WAIT_S must be >= 0"),
+            (self.idempotency_ttl_s >= 60, f"{PREFIX}IDEMPOTENCY_TTL_S must be >= 60"),
+            (self.webhook_timeout_s > 0, f"{PREFIX}WEBHOOK_TIMEOUT_S must be > 0"),
+            (self.worker_threads >= 1, f"{PREFIX}WORKER_THREADS must be >= 1"),
+            (
+                self.worker_metrics_port is None or 0 < self.worker_metrics_port < 65536,
+                f"{PREFIX}WORKER_METRICS_PORT must be in 1..65535",
+            ),
+            (self.worker_requeue_s >= 1, f"{PREFIX}WORKER_REQUEUE_S must be >= 1"),
         ]
 
     @property
