@@ -8,9 +8,9 @@ are never followed (the allowlist vetted this host, not the one a 3xx names).
 
 Each attempt has a deadline, and all of them together a budget. Socket timeouts bound one read
 or write each, so storage that trickles a byte at a time would hold the attempt (a thread and
-an in-flight slot) for as long as it liked: a timer shuts the attempt's socket down when its
-time is up, which ends any read, write or TLS handshake at once. A timer per attempt, not a
-shared watchdog: a thread only while an attempt runs, and at most one per upload in flight.
+an in-flight slot) for as long as it liked: a timer (`gateway.upload.egress.Deadline`, which
+webhook deliveries share) shuts the attempt's socket down when its time is up, which ends any
+read, write or TLS handshake at once; at most one timer per upload in flight.
 """
 
 from __future__ import annotations
@@ -18,20 +18,17 @@ from __future__ import annotations
 import http.client
 import logging
 import re
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import urllib3
-from typing_extensions import Self
-from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connection import HTTPConnection
 
 from gateway.metrics import NULL_METRICS, Recorder
 from gateway.retry import RetryPolicy
-from gateway.upload.egress import PinnedUrl
+from gateway.upload.egress import Deadline, PinnedUrl, connect
 from gateway.vocabulary import UploadOutcome, UploadVerdict
 
 log = logging.getLogger(__name__)
@@ -95,66 +92,6 @@ class UploadResult:
         return f"upload failed after {tries} attempt{'s' if tries > 1 else ''}: {last.describe()}"
 
 
-class _Deadline:
-    """Shuts down the socket of one attempt once `seconds` have passed."""
-
-    def __init__(self, seconds: float) -> None:
-        # Also every socket operation's timeout: the timer cannot reach a socket still connecting.
-        self.seconds = seconds
-        self.expired = False
-        self._lock = threading.Lock()
-        self._socket: socket.socket | None = None
-        self._timer = threading.Timer(max(0.0, seconds), self._expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> Self:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._timer.cancel()
-
-    def watch(self, sock: socket.socket) -> None:
-        """The attempt's socket, as soon as it is connected (before any TLS handshake)."""
-        with self._lock:
-            self._socket = sock
-            if self.expired:
-                _shut(sock)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            if self._socket is not None:
-                _shut(self._socket)
-
-
-def _shut(sock: socket.socket) -> None:
-    # shutdown, not close: the blocked call returns at once, and the descriptor stays the
-    # connection's to close (no other thread can be handed the same number meanwhile).
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # already closed or never connected
-        pass
-
-
-class _WatchedHTTPConnection(HTTPConnection):
-    deadline: _Deadline
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self.deadline.watch(sock)
-        return sock
-
-
-class _WatchedHTTPSConnection(HTTPSConnection):
-    deadline: _Deadline
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self.deadline.watch(sock)
-        return sock
-
-
 class Uploader:
     def __init__(
         self,
@@ -212,51 +149,12 @@ class Uploader:
         self.metrics.upload_finished(outcome.verdict, outcome.status_class)
         return outcome
 
-    def _connection(self, target: PinnedUrl, address: str, deadline: _Deadline) -> HTTPConnection:
-        conn: _WatchedHTTPConnection | _WatchedHTTPSConnection
-        if target.scheme.lower() == "https":
-            conn = _WatchedHTTPSConnection(
-                address,
-                target.port,
-                timeout=deadline.seconds,
-                ssl_context=self.ssl_context,
-                cert_reqs="CERT_REQUIRED",
-                # SNI and the certificate's name check use the host name, not the address.
-                server_hostname=target.host,
-            )
-        else:
-            conn = _WatchedHTTPConnection(address, target.port, timeout=deadline.seconds)
-        conn.deadline = deadline
-        return conn
-
-    def _connect(self, target: PinnedUrl, deadline: _Deadline) -> HTTPConnection:
-        """A connection to the first checked address that takes one, in the resolver's order."""
-        *others, last = target.addresses  # a PinnedUrl has at least one
-        for address in others:
-            conn = self._connection(target, address, deadline)
-            try:
-                conn.connect()
-            except urllib3.exceptions.ConnectTimeoutError:  # refused, unreachable or timed out
-                conn.close()
-                continue
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-        conn = self._connection(target, last, deadline)
-        try:
-            conn.connect()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
     def _attempt(
         self, target: PinnedUrl, body: bytes, md5_hex: str, number: int, seconds: float
     ) -> Attempt:
         if seconds <= 0:  # the budget is spent: no attempt is started that could not finish
             return Attempt(number, UploadOutcome.TIMEOUT)
-        with _Deadline(seconds) as deadline:
+        with Deadline(seconds) as deadline:
             result = self._request(target, body, md5_hex, number, deadline)
             if deadline.expired:
                 # Whatever the shut socket made of the answer (an error, or headers cut short
@@ -265,11 +163,11 @@ class Uploader:
         return result
 
     def _request(
-        self, target: PinnedUrl, body: bytes, md5_hex: str, number: int, deadline: _Deadline
+        self, target: PinnedUrl, body: bytes, md5_hex: str, number: int, deadline: Deadline
     ) -> Attempt:
         conn: HTTPConnection | None = None
         try:
-            conn = self._connect(target, deadline)
+            conn = connect(target, deadline, self.ssl_context)
             conn.request(
                 "PUT",
                 target.request_target,

@@ -1,4 +1,5 @@
-"""Upload URLs: the shape check, the host allowlist and the `{image_hash}.jpg` rewrite.
+"""Upload URLs: the shape check, the host allowlist and the `{image_hash}.jpg` rewrite (the
+shape check and the allowlist serve jobs' webhook URLs too, without the file name).
 
 Everything works on the URL *string*: the presigned query string is sliced out and put back
 unchanged, never parsed and re-encoded, because a signature covers its exact bytes
@@ -80,7 +81,8 @@ class UploadUrl:
 
 @dataclass(frozen=True)
 class AllowedUrl(UploadUrl):
-    """An `UploadUrl` that `GATEWAY_UPLOAD_ALLOWED_HOSTS` lets through."""
+    """An `UploadUrl` that its allowlist (`GATEWAY_UPLOAD_ALLOWED_HOSTS`, or
+    `GATEWAY_WEBHOOK_ALLOWED_HOSTS` for a webhook) lets through."""
 
     # The allowlist names this host's address exactly, as an IP literal: the operator's explicit
     # escape hatch to loopback or private storage. A host *name* listed exactly is not one: what
@@ -88,8 +90,9 @@ class AllowedUrl(UploadUrl):
     exact: bool
 
 
-def parse_upload_url(url: str, *, field: str = "s3_prefix") -> UploadUrl:
-    """Check that `url` is an absolute http(s) URL with a file name; 400 naming `field` if not."""
+def parse_upload_url(url: str, *, field: str = "s3_prefix", file_name: bool = True) -> UploadUrl:
+    """Check that `url` is an absolute http(s) URL with a file name; 400 naming `field` if not.
+    Without `file_name` any path will do, and an empty one is `/`."""
 
     def bad(reason: str) -> InvalidRequest:
         return InvalidRequest(f"{field} {reason}", field=field)
@@ -111,9 +114,9 @@ def parse_upload_url(url: str, *, field: str = "s3_prefix") -> UploadUrl:
     port = int(hostport["port"]) if hostport["port"] else _DEFAULT_PORTS[scheme.lower()]
     if not 0 < port < 65536:
         raise bad("has an invalid port")
-    path = parts["path"]
+    path = parts["path"] or ("" if file_name else "/")
     name = path.rsplit("/", 1)[1] if "/" in path else ""
-    if name in ("", ".", ".."):
+    if file_name and name in ("", ".", ".."):
         raise bad("must end in a file name (e.g. .../1.png?...) that the gateway can replace")
     host = hostport["host"].lower().rstrip(".").strip("[]")
     last_label = host.rsplit(".", 1)[-1]
@@ -123,24 +126,28 @@ def parse_upload_url(url: str, *, field: str = "s3_prefix") -> UploadUrl:
 
 
 def check_upload_url(
-    url: str, allowed_hosts: Iterable[str], *, field: str = "s3_prefix"
+    url: str,
+    allowed_hosts: Iterable[str],
+    *,
+    field: str = "s3_prefix",
+    file_name: bool = True,
+    setting: str = "GATEWAY_UPLOAD_ALLOWED_HOSTS",
 ) -> AllowedUrl:
-    """Parse `url` and refuse it unless the allowlist lets this scheme reach this host and port.
+    """Parse `url` and refuse it unless the allowlist lets this scheme reach this host and port;
+    `setting` is where that allowlist comes from, named in the refusal.
 
     No connection and no DNS lookup happen here; `gateway.upload.egress` resolves the host once and
     checks its addresses before anything is sent.
     """
-    target = parse_upload_url(url, field=field)
+    target = parse_upload_url(url, field=field, file_name=file_name)
     permit = host_allowed(target.scheme.lower(), target.host, target.port, tuple(allowed_hosts))
     if permit is None:
         plain_http = target.scheme.lower() == "http"
         if plain_http and host_allowed("https", target.host, target.port, tuple(allowed_hosts)):
             reason = "must be https: this host is not allowed over plain http"
         else:
-            reason = (
-                f"points to a host the gateway may not upload to ({target.host}:{target.port})"
-            )
-        raise InvalidRequest(f"{field} {reason}; see GATEWAY_UPLOAD_ALLOWED_HOSTS", field=field)
+            reason = f"points to a host the gateway may not send to ({target.host}:{target.port})"
+        raise InvalidRequest(f"{field} {reason}; see {setting}", field=field)
     return AllowedUrl(**vars(target), exact=permit == "exact" and not _is_hostname(target.host))
 
 
