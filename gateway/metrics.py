@@ -43,6 +43,7 @@ from gateway.vocabulary import (
     TritonOutcome,
     UploadOutcome,
     UploadVerdict,
+    WebhookOutcome,
 )
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
@@ -106,6 +107,8 @@ class Recorder(Protocol):
 
     def deepfake_asset_sent(self, result: AssetResult) -> None: ...
 
+    def webhook_delivered(self, outcome: WebhookOutcome) -> None: ...
+
 
 class NullMetrics:
     """A `Recorder` that records nothing: the clients' default."""
@@ -138,6 +141,9 @@ class NullMetrics:
         pass
 
     def deepfake_asset_sent(self, result: AssetResult) -> None:
+        pass
+
+    def webhook_delivered(self, outcome: WebhookOutcome) -> None:
         pass
 
 
@@ -286,8 +292,17 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._webhook_deliveries = Counter(
+            "worker_webhook_deliveries",
+            "Webhook delivery attempts of the job workers, each counted once by what it led to "
+            f"({_words(WebhookOutcome)}): all but retry end a delivery.",
+            ["outcome"],
+            registry=self.registry,
+        )
         for outcome in UPLOAD_OUTCOMES:
             self._upload_attempts.labels(outcome)
+        for webhook_outcome in WebhookOutcome:
+            self._webhook_deliveries.labels(webhook_outcome.value)
         for result, status_class in UPLOAD_RESULTS:
             self._uploads.labels(result, status_class)
         for status in NSFW_OUTCOMES:
@@ -415,6 +430,10 @@ class Metrics:
 
     def deepfake_asset_sent(self, result: AssetResult) -> None:
         self._deepfake_assets.labels(result.value).inc()
+
+    def webhook_delivered(self, outcome: WebhookOutcome) -> None:
+        """One webhook delivery attempt, by what it led to (worker_webhook_deliveries_total)."""
+        self._webhook_deliveries.labels(WebhookOutcome(outcome).value).inc()
 
     # -- the scrape ------------------------------------------------------------------------
 

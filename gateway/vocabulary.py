@@ -1,5 +1,5 @@
 """The gateway's fixed vocabularies: how a Triton call, a replica, an upload, a deepfake check,
-a call of NVIDIA's API and an NVCF asset upload ended.
+a call of NVIDIA's API, an NVCF asset upload and a webhook delivery attempt ended.
 
 They label the metrics (`gateway.metrics`) and steer the code that produces them, so they live
 below both: the clients and `gateway.metrics` import them, and this module imports nothing of
@@ -90,6 +90,17 @@ class AssetResult(str, enum.Enum):
     CREATE_FAILED = "create_failed"  # NVIDIA refused or failed to create the asset
     UPLOAD_FAILED = "upload_failed"  # the presigned URL refused or failed the bytes
     TIMEOUT = "timeout"  # the budget ran out on the way
+
+
+class WebhookOutcome(str, enum.Enum):
+    """What one webhook delivery attempt led to (the label of worker_webhook_deliveries_total):
+    each attempt counts once, as a retry or as the end of its delivery."""
+
+    DELIVERED = "delivered"  # a 2xx
+    RETRY = "retry"  # a connection error, a timeout or any other status: tried again later
+    GONE = "gone"  # 410: the receiver wants no more deliveries; never retried
+    REFUSED = "refused"  # the URL is no longer allowed, or resolves where the gateway may not go
+    EXHAUSTED = "exhausted"  # failed like a retry, with no retry left in the schedule
 
 
 # The `method` label of gateway_http_requests_total: HTTP's own methods (RFC 9110, and PATCH);
