@@ -31,10 +31,15 @@ shared-memory, trace and logging are closed on both protocols by a restriction w
 client can send (CLOSED_HEADER), so no key for them exists anywhere, not even on this command
 line, which every local user can read in `ps`. model-repository, which explicit model control
 makes live (load, unload: a load can run code), is closed that way on gRPC; on HTTP it takes
-the key this supervisor draws at random, for the drain. That key is on the command line, so
-Triton's HTTP listener must be one that only this supervisor reaches: in the containers it is
-bound to the container's own loopback (deploy/docker/triton-entrypoint.sh); the embedded stack
-on a machine shared with other users is the exception docs/security.md states.
+the key this supervisor draws at random, for the drain. That key is on tritonserver's command
+line, so a drained Triton's HTTP listener must be one that only this supervisor reaches, or be
+on a machine nobody else uses: in the containers it is bound to the container's own loopback
+(deploy/docker/triton-entrypoint.sh); the replicas that the tests and the load run start side
+by side on a developer's machine (harness/replicas.py) listen on its loopback, the one case
+docs/security.md accepts. A single Triton has nothing to fail over to, so nothing to drain:
+`make serve`'s and `make triton`'s (embedded/triton.py, `drain=False`) run without this
+supervisor, with `undrained_command`'s flags: every model loaded at start, model-repository
+closed on both protocols like the rest, and no key anywhere.
 
 Standard library only: the Triton image runs this file with its own python3
 (deploy/docker/triton-entrypoint.sh).
@@ -97,16 +102,21 @@ def http_url(command: Sequence[str]) -> str:
     return f"http://{address}:{_option(command, '--http-port') or '8000'}"
 
 
-def restrictions(key: str) -> list[str]:
+def restrictions(key: str | None) -> list[str]:
     """Triton's flags that close the APIs nobody may use, and the repository API to all but
-    the drain's HTTP calls with `key`. Triton refuses to start if the caller restricted one of
-    these categories too (a category may be in one restriction only), so nothing given before
-    them can reopen one."""
+    the drain's HTTP calls with `key`; with no key, to everyone. Triton refuses to start if the
+    caller restricted one of these categories too (a category may be in one restriction only),
+    so nothing given before them can reopen one."""
     closed = f"{CLOSED_HEADER}={CLOSED_VALUE}"
+    everything = (*CLOSED_APIS, "model-repository")
     return [
-        f"--http-restricted-api={','.join(CLOSED_APIS)}:{closed}",
-        f"--http-restricted-api=model-repository:{KEY_HEADER}={key}",
-        f"--grpc-restricted-protocol={','.join((*CLOSED_APIS, 'model-repository'))}:{closed}",
+        *(
+            [f"--http-restricted-api={','.join(CLOSED_APIS)}:{closed}",
+             f"--http-restricted-api=model-repository:{KEY_HEADER}={key}"]
+            if key
+            else [f"--http-restricted-api={','.join(everything)}:{closed}"]
+        ),
+        f"--grpc-restricted-protocol={','.join(everything)}:{closed}",
     ]
 
 
@@ -117,6 +127,16 @@ def supervised_command(command: Sequence[str], key: str) -> list[str]:
     if _option(command, "--model-control-mode") is None:
         extra += ["--model-control-mode=explicit", "--load-model=*"]
     return [*command, *extra, *restrictions(key)]
+
+
+def undrained_command(command: Sequence[str]) -> list[str]:
+    """The command for a Triton nobody drains (a single one, run without this supervisor):
+    every model loaded at start and never again (model control `none`, unless the caller chose
+    a mode), and no model-repository API on either protocol, so no key exists."""
+    extra = []
+    if _option(command, "--model-control-mode") is None:
+        extra.append("--model-control-mode=none")
+    return [*command, *extra, *restrictions(None)]
 
 
 class Triton:

@@ -167,6 +167,8 @@ class LocalStack:
             workdir=run_dir / "triton",
             log_path=run_dir / "triton.log",
             env=dict(triton_env or {}),
+            # The only replica, and the gateway stops before it: no drain, so no drain key.
+            drain=False,
         )
         self.triton_ready_timeout_s = triton_ready_timeout_s
         self.s3 = MotoS3Server(host=host, port=self.ports.s3, log_path=run_dir / "s3.log")

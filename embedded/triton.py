@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedded.drain import DEFAULT_DRAIN_TIMEOUT_S
+from embedded.drain import DEFAULT_DRAIN_TIMEOUT_S, undrained_command
 from embedded.process import ManagedProcess, ProcessStartError, free_port
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,17 @@ def prepare_backends(workdir: Path) -> Path:
 
 @dataclass
 class TritonServer(ManagedProcess):
-    """One tritonserver, under the drain supervisor (embedded/drain.py) as in the container;
-    usable as a context manager that waits until it is ready.
+    """One tritonserver, usable as a context manager that waits until it is ready.
 
-    stop() sends the supervisor SIGTERM, which drains Triton (the requests it holds finish,
-    new ones are refused) and stops it, then SIGKILLs whatever is left in its session. The
-    process group holds the supervisor, Triton and the backend stubs, so killing the group is
-    a crash of the whole replica."""
+    `drain` (one of several replicas: the tests', the load run's) runs it under the drain
+    supervisor (embedded/drain.py) as in the container: stop() sends the supervisor SIGTERM,
+    which drains Triton (the requests it holds finish, new ones are refused) and stops it.
+    Without (a single Triton, `make serve`'s and `make triton`'s: nothing to fail over to)
+    tritonserver runs alone with no model-repository API, so no drain key exists; stop()
+    sends it SIGTERM and it waits `exit_timeout_s` for the requests it holds. Either way
+    stop() then SIGKILLs whatever is left in the session: the process group holds the
+    supervisor if any, Triton and the backend stubs, so killing the group is a crash of the
+    whole replica."""
 
     name = "tritonserver"
     start_error = TritonStartError
@@ -91,6 +95,9 @@ class TritonServer(ManagedProcess):
     # long Triton itself waits for what is left (direct calls to one model) once signalled.
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     exit_timeout_s: int = 20
+    # The drain's key opens model-repository on HTTP, on a command line every local user
+    # reads (docs/security.md, "Triton's APIs"): only replicas that fail over to each other.
+    drain: bool = True
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -122,15 +129,11 @@ class TritonServer(ManagedProcess):
 
     @property
     def stop_timeout_s(self) -> float:  # type: ignore[override]  # a class attribute there
-        return self.drain_timeout_s + self.exit_timeout_s + 10
+        return (self.drain_timeout_s if self.drain else 0) + self.exit_timeout_s + 10
 
     def command(self) -> list[str]:
         server_dir, _ = _pytriton_dist()
-        return [
-            # By path, as the container runs it: nothing to import from this project.
-            sys.executable, str(Path(__file__).with_name("drain.py")),
-            f"--drain-timeout={self.drain_timeout_s:g}",
-            "--",
+        triton = [
             str(server_dir / "bin" / "tritonserver"),
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={prepare_backends(Path(self.workdir))}",
@@ -143,6 +146,15 @@ class TritonServer(ManagedProcess):
             "--allow-cpu-metrics=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             *self.extra_args,
+        ]
+        if not self.drain:
+            return undrained_command(triton)
+        return [
+            # By path, as the container runs it: nothing to import from this project.
+            sys.executable, str(Path(__file__).with_name("drain.py")),
+            f"--drain-timeout={self.drain_timeout_s:g}",
+            "--",
+            *triton,
         ]
 
     def environment(self) -> dict[str, str]:
@@ -182,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         extra_args=extra,
+        drain=False,  # a single Triton: docs/security.md, "Triton's APIs"
     )
 
     def forward(signum: int, _frame: object) -> None:

@@ -1,4 +1,5 @@
-"""The embedded Triton launcher: ready, signals forwarded, nothing left behind."""
+"""The embedded Triton launcher: ready, signals forwarded, nothing left behind; `make triton`'s
+runs alone, with no drain key."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from embedded.drain import KEY_HEADER
 from embedded.process import free_port
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
 
@@ -65,6 +67,9 @@ def test_cli_forwards_the_signal_and_leaves_no_stub_behind(
         assert cli.poll() is None and time.monotonic() < deadline, (tmp_path / "out.log").read_text()
         time.sleep(0.5)
     (server_pid,) = children(cli.pid)
+    # A single Triton runs alone, with no drain supervisor and so no drain key.
+    args = Path(f"/proc/{server_pid}/cmdline").read_bytes().split(b"\0")
+    assert args[0].endswith(b"/tritonserver") and not any(KEY_HEADER.encode() in a for a in args)
     server_session = os.getsid(server_pid)  # the launcher gives tritonserver a session of its own
     assert "triton_python_b" in session_processes(server_session)  # comm is cut to 15 characters
 

@@ -1,7 +1,8 @@
-"""The embedded Triton, as every test and `make serve` start it (under embedded/drain.py), refuses
-the APIs nobody uses on both protocols, even to a client that sends the closing restriction's own
-header, and keeps open what the gateway and the benchmarks use. The container entrypoint's
-Triton: tests/deploy/test_triton_image.py."""
+"""The embedded Triton as the tests' replicas run it (under the drain supervisor, embedded/drain.py)
+refuses the APIs nobody uses on both protocols, even to a client that sends the closing
+restriction's own header, and keeps open what the gateway and the benchmarks use. The single
+Triton of `make serve`, with no drain and no model-repository API at all:
+tests/embedded/test_stack.py. The container entrypoint's Triton: tests/deploy/test_triton_image.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import tritonclient.grpc as grpcclient
 from embedded.drain import CLOSED_HEADER, CLOSED_VALUE
 from embedded.triton import TritonServer
 from tests.embedded.triton_api import (
+    REFUSED_GRPC,
+    REFUSED_HTTP,
     REGISTER_BODY,
     REGISTER_PATH,
     closed_grpc_header,
@@ -24,10 +27,6 @@ from tests.embedded.triton_api import (
     raw_http1_register,
     register_over_grpc,
 )
-
-# Triton 2.51's answers: HTTP 403 for a restricted API, gRPC UNAVAILABLE ("This protocol is
-# restricted").
-REFUSED_HTTP, REFUSED_GRPC = 403, "StatusCode.UNAVAILABLE"
 
 
 def test_registering_system_shared_memory_is_refused_on_http(triton: TritonServer) -> None:

@@ -20,6 +20,9 @@ from embedded.drain import CLOSED_HEADER, CLOSED_VALUE
 REGION_KEY = "triton_python_backend_shm_region_1"
 REGISTER_PATH = "/v2/systemsharedmemory/region/imagegen_probe/register"
 REGISTER_BODY = json.dumps({"key": REGION_KEY, "offset": 0, "byte_size": 64}).encode()
+# Triton 2.51's answers: HTTP 403 for a restricted API, gRPC UNAVAILABLE ("This protocol is
+# restricted").
+REFUSED_HTTP, REFUSED_GRPC = 403, "StatusCode.UNAVAILABLE"
 # Triton puts this in front of a gRPC restriction's header name (`tritonserver --help`).
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 SHM_STATUS_RPC = "/inference.GRPCInferenceService/SystemSharedMemoryStatus"
