@@ -1,5 +1,5 @@
-"""The whole service on loopback: embedded Triton, a local S3 (moto), the gateway (gunicorn) and
-its front door (nginx).
+"""The whole service on loopback: embedded Triton, a local S3 (moto), Redis, the gateway
+(gunicorn) with its front door (nginx), and a job worker.
 
 `LocalStack` starts them, each once the one before can serve it, and stops them together;
 `make serve`, the service benchmark and the load run (harness/load.py) all run it. Clients reach
@@ -31,6 +31,7 @@ from typing_extensions import Self
 
 from embedded.front_door import FrontDoor, FrontDoorSettings
 from embedded.process import ManagedProcess, ProcessStartError, free_port
+from embedded.redis import JobWorker, RedisServer
 from embedded.s3 import BUCKET, LocalS3, MotoS3Server
 from embedded.triton import DEFAULT_REPOSITORY, PROJECT_ROOT, TritonServer
 
@@ -41,6 +42,7 @@ GUNICORN_CONF = PROJECT_ROOT / "gateway" / "gunicorn.conf.py"
 S3_READY_TIMEOUT_S = 60.0
 GATEWAY_READY_TIMEOUT_S = 120.0
 FRONT_DOOR_READY_TIMEOUT_S = 30.0
+REDIS_READY_TIMEOUT_S = 30.0
 
 
 class Shutdown(Exception):
@@ -108,6 +110,8 @@ class Ports:
     gateway_probes: int  # gunicorn's probe listener (GATEWAY_PROBE_PORT), behind it too
     front: int  # the front door's, for clients
     probes: int  # the front door's, for probes and scrapes
+    redis: int  # the jobs' store and queue
+    worker_metrics: int  # the job worker's /metrics
 
     @classmethod
     def free(cls, host: str = "127.0.0.1") -> Ports:
@@ -154,6 +158,7 @@ class LocalStack:
         gateway_settings: Mapping[str, str] | None = None,
         gateway_log: bool = True,
         front_door_settings: Mapping[str, str] | None = None,
+        workers: int = 1,
     ) -> None:
         self.run_dir = run_dir
         self.ports = ports or Ports.free(host)
@@ -172,6 +177,7 @@ class LocalStack:
         )
         self.triton_ready_timeout_s = triton_ready_timeout_s
         self.s3 = MotoS3Server(host=host, port=self.ports.s3, log_path=run_dir / "s3.log")
+        self.redis = RedisServer(workdir=run_dir / "redis", host="127.0.0.1", port=self.ports.redis)
         self.front = front(self.s3.url) if front else None
         self._front_serving = False
         env = dict(os.environ if environ is None else environ)
@@ -186,6 +192,7 @@ class LocalStack:
         env.setdefault("GATEWAY_HOST", host)
         env.setdefault("GATEWAY_PORT", str(self.ports.gateway))
         env.setdefault("GATEWAY_PROBE_PORT", str(self.ports.gateway_probes))
+        env.setdefault("GATEWAY_REDIS_URL", self.redis.url)
         env.update({f"GATEWAY_{name}": value for name, value in (gateway_settings or {}).items()})
         # A keyless gateway refuses to start unless told that anonymous access is meant. A stack
         # on loopback says so itself (main() prints it); one on any other address does not.
@@ -196,6 +203,15 @@ class LocalStack:
             p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p
         )
         self.gateway = GatewayProcess(env, run_dir / "gateway.log" if gateway_log else None)
+        # The first worker serves its metrics on the stack's port, any others on free ones.
+        self.workers = [
+            JobWorker(
+                env,
+                self.ports.worker_metrics if index == 0 else free_port(),
+                run_dir / f"worker-{index}.log" if gateway_log else None,
+            )
+            for index in range(workers)
+        ]
         self.front_door = FrontDoor(
             self._front_door_settings(env, host, front_door_settings or {}),
             run_dir / "front-door",
@@ -259,8 +275,11 @@ class LocalStack:
             Path(self.triton.workdir).mkdir(parents=True, exist_ok=True)
             self.triton.start()
         self.s3.start()
+        self.redis.start()
         self.s3.wait_ready(timeout=S3_READY_TIMEOUT_S)
         log.info("S3 ready at %s", self.s3.url)
+        self.redis.wait_ready(timeout=REDIS_READY_TIMEOUT_S)
+        log.info("Redis ready at %s (data: %s)", self.redis.url, self.redis.workdir)
         if self.front:
             self.front.start()
             self._front_serving = True
@@ -268,7 +287,11 @@ class LocalStack:
             self.triton.wait_ready(timeout=self.triton_ready_timeout_s)
             log.info("Triton ready at %s (gRPC %s)", self.triton.http_url, self.triton.grpc_url)
         self.gateway.start()
+        for worker in self.workers:
+            worker.start()
         self.gateway.wait_ready(timeout=GATEWAY_READY_TIMEOUT_S)
+        for worker in self.workers:
+            worker.wait_ready()
         self.front_door.start()
         self.front_door.wait_ready(timeout=FRONT_DOOR_READY_TIMEOUT_S)
         return self
@@ -278,8 +301,10 @@ class LocalStack:
         parts: dict[str, ManagedProcess] = {
             "triton": self.triton,
             "s3": self.s3,
+            "redis": self.redis,
             "gateway": self.gateway,
             "front door": self.front_door,
+            **{f"job worker {i}": worker for i, worker in enumerate(self.workers)},
         }
         if not self.owns_triton:
             del parts["triton"]
@@ -292,12 +317,15 @@ class LocalStack:
         """Stop whatever runs, front door first; safe to call again."""
         self.front_door.stop()
         self.gateway.stop()
+        for worker in self.workers:
+            worker.stop()
         if self.owns_triton:
             self.triton.stop()
         if self.front and self._front_serving:
             self._front_serving = False
             self.front.stop()
         self.s3.stop()
+        self.redis.stop()
 
     def bucket(self, name: str = BUCKET) -> LocalS3:
         """A bucket of the local S3, created."""
@@ -337,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         "--triton-metrics-port", type=int, default=_env_int("TRITON_METRICS_PORT", 8002)
     )
     parser.add_argument("--s3-port", type=int, default=_env_int("S3_PORT", 9000))
+    parser.add_argument("--redis-port", type=int, default=_env_int("REDIS_PORT", 6379))
+    parser.add_argument(
+        "--worker-metrics-port", type=int, default=_env_int("WORKER_METRICS_PORT", 8082)
+    )
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="logs and Triton's workdir")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -355,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             ports=Ports(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port,
                         args.s3_port, gateway=free_port(args.host),
                         gateway_probes=free_port(args.host), front=FrontDoorSettings.port,
-                        probes=FrontDoorSettings.probe_port),
+                        probes=FrontDoorSettings.probe_port, redis=args.redis_port,
+                        worker_metrics=args.worker_metrics_port),
             repository=args.model_repository,
             triton_ready_timeout_s=args.ready_timeout,
             gateway_log=False,  # the gateway's and the front door's lines go to the terminal
@@ -374,11 +407,14 @@ def main(argv: list[str] | None = None) -> int:
             "\n".join(
                 [
                     "",
-                    f"gateway   {stack.url}  (POST /generate, /moderate, /openapi.json, /docs)",
+                    f"gateway   {stack.url}  (POST /generate, /jobs, /moderate; /openapi.json, /docs)",
                     f"probes    {stack.probe_url}  (/healthz, /readyz, /metrics)",
                     f"gunicorn  {gateway.url}  (behind the front door, nginx)",
                     f"triton    {triton.http_url}  gRPC {triton.grpc_url}  metrics {triton.metrics_url}",
                     f"s3 (moto) {s3.url}  (any bucket; credentials: anything)",
+                    f"redis     {stack.redis.url}  (jobs, their queue, Idempotency-Key records)",
+                    (f"worker    {len(stack.workers)} job worker(s), metrics "
+                    f"{stack.workers[0].ready_url if stack.workers else '-'}"),
                     f"uploads allowed to: {stack.upload_allowed_hosts}",
                     stack.access(),
                     f"logs      {stack.run_dir}",

@@ -20,6 +20,9 @@ from gateway.settings import PREFIX, Settings, SettingsError, parse_api_keys
 
 log = logging.getLogger(__name__)
 
+# The owner of every request when no key is configured (make serve's anonymous access).
+ANONYMOUS = "anonymous"
+
 # Probes and scrapes carry no key; the API description and its page hold nothing secret.
 OPEN_ENDPOINTS = frozenset(
     {"gateway.healthz", "gateway.readyz", "gateway.metrics", "gateway.openapi", "docs.page",
@@ -52,12 +55,18 @@ class ApiKeys:
         return bool(self._digests)
 
     def accepts(self, authorization: str | None) -> bool:
+        return self.owner(authorization) is not None
+
+    def owner(self, authorization: str | None) -> str | None:
+        """Who sent this request: the hex SHA-256 of its key when the key is one of ours,
+        else None. Jobs and Idempotency-Key records are scoped to it; it stays in the store
+        (never in a log or a metric)."""
         scheme, _, token = (authorization or "").strip().partition(" ")
         candidate = _digest(token.strip())
         matched = False
         for digest in self._digests:  # no early exit: the time does not say which key matched
             matched |= hmac.compare_digest(candidate, digest)
-        return matched and scheme.lower() == "bearer"
+        return candidate.hex() if matched and scheme.lower() == "bearer" else None
 
 
 def require_api_key(app: Flask, keys: ApiKeys) -> None:
@@ -72,7 +81,9 @@ def require_api_key(app: Flask, keys: ApiKeys) -> None:
     @app.before_request
     def _authenticate() -> None:
         # Without keys every caller is a client, as for /generate itself.
-        g.api_client = not keys.enabled or keys.accepts(request.headers.get("Authorization"))
+        owner = ANONYMOUS if not keys.enabled else keys.owner(request.headers.get("Authorization"))
+        g.api_client = owner is not None
+        g.api_owner = owner
         # Unknown paths too (endpoint None): an anonymous client learns nothing about routes.
         if g.api_client or request.endpoint in OPEN_ENDPOINTS:
             return
@@ -83,6 +94,14 @@ def is_api_client() -> bool:
     """Whether this request carries a valid API key (always, with no key configured): what the
     open endpoints show only to clients depends on it."""
     return bool(g.get("api_client", False))
+
+
+def api_owner() -> str:
+    """The owner of this (authenticated) request's jobs and idempotency keys."""
+    owner = g.get("api_owner")
+    if owner is None:
+        raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
+    return str(owner)
 
 
 def _digest(key: str) -> bytes:

@@ -25,6 +25,7 @@ class ErrorDetail:
     code: str = described(
         "What went wrong, for programs: invalid_request, unauthorized, not_found, "
         "method_not_allowed, payload_too_large, unsupported_media_type, overloaded, "
+        "idempotency_key_in_use, idempotency_key_mismatch, canceled (a job's error), "
         "upload_failed, upstream_error, unavailable, deadline_exceeded, internal_error; from "
         "the front door in front of the gateway also uri_too_long, headers_too_large, "
         "too_many_connections."
@@ -113,6 +114,16 @@ class UpstreamTimeout(GatewayError):
 
 class UploadFailed(GatewayError):
     status, code = 502, "upload_failed"
+
+
+class NotFound(GatewayError):
+    status, code = 404, "not_found"
+
+
+class Canceled(GatewayError):
+    """A job's generation was canceled by its owner (the job ends `canceled`)."""
+
+    status, code = 409, "canceled"
 
 
 # Werkzeug's own errors (unknown route, wrong method, body over MAX_CONTENT_LENGTH...) get codes

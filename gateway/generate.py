@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import enum
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,9 +263,19 @@ class GenerateResult:
         return self.upload is not None and not self.upload.ok
 
 
-def generate(services: Services, req: GenerateRequest) -> GenerateResult:
-    """Generate, score, encode, hash, upload (or inline) one image."""
+def generate(
+    services: Services,
+    req: GenerateRequest,
+    *,
+    deadline_s: float | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerateResult:
+    """Generate, score, encode, hash, upload (or inline) one image.
+
+    `deadline_s`: Triton's deadline (GATEWAY_TRITON_DEADLINE_S when not given); `cancel`: an
+    event that stops the generation inside Triton (raises `Canceled`), for jobs."""
     metrics, settings = services.metrics, services.settings
+    deadline_s = settings.triton_deadline_s if deadline_s is None else deadline_s
     # 1. Resolve the upload host once and check every address, before any GPU time is spent;
     #    the upload connects only there.
     target = (
@@ -276,7 +287,7 @@ def generate(services: Services, req: GenerateRequest) -> GenerateResult:
         # 2. Generate (and score, inside the ensemble) on Triton.
         with metrics.stage("triton"):
             generated = services.triton.generate(
-                req.generation(), nsfw=req.enable_nsfw_check, deadline_s=settings.triton_deadline_s
+                req.generation(), nsfw=req.enable_nsfw_check, deadline_s=deadline_s, cancel=cancel
             )
         nsfw = generated.nsfw
         flagged = nsfw.flagged(settings.nsfw_threshold) if nsfw else None

@@ -19,6 +19,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
 from prometheus_client import (
@@ -30,6 +31,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 from gateway.triton.contract import NsfwStatus
 from gateway.vocabulary import (
@@ -39,6 +41,8 @@ from gateway.vocabulary import (
     AssetResult,
     DeepfakeStatus,
     FailoverReason,
+    IdempotencyOutcome,
+    JobStatus,
     ReplicaState,
     TritonOutcome,
     UploadOutcome,
@@ -299,6 +303,44 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._jobs_created = Counter(
+            "gateway_jobs_created", "Jobs accepted by POST /jobs.", registry=self.registry
+        )
+        self._idempotency = Counter(
+            "gateway_idempotency",
+            f"Requests with an Idempotency-Key, by outcome ({_words(IdempotencyOutcome)}).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._store_errors = Counter(
+            "gateway_store_errors",
+            "Calls to the store (Redis) that failed or timed out.",
+            registry=self.registry,
+        )
+        finished = [s for s in JobStatus if s.final]
+        self._jobs_finished = Counter(
+            "worker_jobs",
+            f"Jobs a worker finished, by status ({_words(finished)}).",
+            ["status"],
+            registry=self.registry,
+        )
+        self._job_seconds = Histogram(
+            "worker_job_duration_seconds",
+            "Time from a worker's start of a job to its end, by status.",
+            ["status"],
+            buckets=_STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self._jobs_running = Gauge(
+            "worker_jobs_running",
+            "Jobs this worker runs now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        for outcome in IdempotencyOutcome:
+            self._idempotency.labels(outcome.value)
+        for status in finished:
+            self._jobs_finished.labels(status.value)
         for outcome in UPLOAD_OUTCOMES:
             self._upload_attempts.labels(outcome)
         for webhook_outcome in WebhookOutcome:
@@ -435,11 +477,69 @@ class Metrics:
         """One webhook delivery attempt, by what it led to (worker_webhook_deliveries_total)."""
         self._webhook_deliveries.labels(WebhookOutcome(outcome).value).inc()
 
+    def job_created(self) -> None:
+        self._jobs_created.inc()
+
+    def idempotency(self, outcome: IdempotencyOutcome) -> None:
+        self._idempotency.labels(outcome.value).inc()
+
+    def store_failed(self) -> None:
+        self._store_errors.inc()
+
+    def job_started(self) -> None:
+        self._jobs_running.inc()
+
+    def job_ended(self) -> None:
+        self._jobs_running.dec()
+
+    def job_finished(self, status: JobStatus, seconds: float) -> None:
+        self._jobs_finished.labels(status.value).inc()
+        self._job_seconds.labels(status.value).observe(seconds)
+
     # -- the scrape ------------------------------------------------------------------------
 
-    def render(self) -> bytes:
+    def render(self, queue: QueueReading | None = None) -> bytes:
+        """The exposition; `queue`, when given, adds the job queue's gauges, read from the
+        store at this scrape (every gateway reports the same global values)."""
         if self._multiprocess_dir:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self._multiprocess_dir)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            text = generate_latest(registry)
+        else:
+            text = generate_latest(self.registry)
+        if queue is None:
+            return text
+        extra = CollectorRegistry()
+        extra.register(_QueueCollector(queue))
+        return text + generate_latest(extra)
+
+
+@dataclass(frozen=True)
+class QueueReading:
+    """The job queue at one scrape: None when the store did not answer."""
+
+    queued: int | None
+    oldest_age_s: float | None
+
+
+class _QueueCollector:
+    def __init__(self, reading: QueueReading) -> None:
+        self.reading = reading
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "gateway_store_up", "1 when the store (Redis) answered this scrape, else 0."
+        )
+        up.add_metric([], 0 if self.reading.queued is None else 1)
+        yield up
+        if self.reading.queued is None:
+            return
+        queued = GaugeMetricFamily("gateway_jobs_queued", "Jobs queued now, all gateways'.")
+        queued.add_metric([], self.reading.queued)
+        yield queued
+        oldest = GaugeMetricFamily(
+            "gateway_jobs_oldest_queued_age_seconds",
+            "Age of the oldest queued job (0 when none is queued).",
+        )
+        oldest.add_metric([], self.reading.oldest_age_s or 0.0)
+        yield oldest

@@ -30,6 +30,19 @@ class ReadinessStatus(str, enum.Enum):
     NOT_READY = "not_ready"
 
 
+class StoreStatus(str, enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    NONE = "none"  # no GATEWAY_REDIS_URL
+
+
+_STORE = (
+    "The job store (Redis): up, down, or none configured. It does not decide readiness: "
+    "/generate without Idempotency-Key needs no store, so a gateway whose store is down stays "
+    "in rotation for it while /jobs and Idempotency-Key answer 503."
+)
+
+
 @dataclass(frozen=True)
 class ReplicaReadiness:
     address: str = described("The replica's address, as GATEWAY_TRITON_URL resolves now.")
@@ -72,6 +85,7 @@ class Readiness:
         "What /generate accepts now: the GATEWAY_* limits tightened by the generation model's."
     )
     problems: list[str] = described("Why not ready, and what could not be read.")
+    store: StoreStatus = described(_STORE)
 
     @property
     def ready(self) -> bool:
@@ -95,6 +109,11 @@ def check_readiness(services: Services) -> Readiness:
         # Informational only: readiness is Triton's own answer, not this scrape.
         problems.append(f"cannot read model info from {triton.metrics_url}: {type(exc).__name__}")
     ready = health.all_ready and limits.conflict is None
+    store = StoreStatus.NONE
+    if services.store is not None:
+        store = StoreStatus.UP if services.store.jobs.ping() else StoreStatus.DOWN
+        if store is StoreStatus.DOWN:
+            problems.append("the job store does not answer: /jobs and Idempotency-Key get 503")
     return Readiness(
         status=ReadinessStatus.READY if ready else ReadinessStatus.NOT_READY,
         triton=TritonState(
@@ -111,6 +130,7 @@ def check_readiness(services: Services) -> Readiness:
         demo=any(info.get("demo") == "true" for info in loaded.values()) if loaded else None,
         limits=limits,
         problems=problems,
+        store=store,
     )
 
 
@@ -124,10 +144,11 @@ class PublicReadiness:
     demo: bool | None = described(
         "True when any model runs random demo weights (images are noise); null if unknown."
     )
+    store: StoreStatus = described(_STORE)
 
     @classmethod
     def of(cls, state: Readiness) -> PublicReadiness:
-        return cls(status=state.status, models=state.models, demo=state.demo)
+        return cls(status=state.status, models=state.models, demo=state.demo, store=state.store)
 
 
 class ReadinessCache:

@@ -6,10 +6,12 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from gateway.auth import is_api_client
-from gateway.errors import PayloadTooLarge, UploadFailed
+from gateway.auth import api_owner, is_api_client
+from gateway.bodies import read_body
+from gateway.errors import UploadFailed
 from gateway.fields import parse_body
 from gateway.generate import check_inputs, generate
+from gateway.idempotency import HEADER, Answer, fingerprint, parse_key, run_once
 from gateway.moderate import body_limit, check_moderate_form, check_moderate_json, moderate
 from gateway.openapi import build_openapi
 from gateway.readiness import PublicReadiness
@@ -23,24 +25,35 @@ def services() -> Services:
     return current_app.extensions["gateway"]
 
 
-def _read_body(limit: int) -> bytes:
-    # A Content-Length over the limit is refused by Werkzeug before reading; a chunked body
-    # is silently cut at the limit instead, which would surface as a confusing JSON error.
-    data = request.get_data(cache=False)
-    if request.content_length is None and len(data) >= limit:
-        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
-    return data
-
-
 @bp.post("/generate", endpoint="generate")
 def generate_image() -> Any:
     svc = services()
-    payload = parse_body(_read_body(svc.settings.max_body_bytes), request.content_type)
-    result = generate(svc, check_inputs(payload, svc.settings, svc.limits.current()))
-    if result.upload is not None and not result.upload.ok:
-        # The image exists and may even be stored; the client still gets hash, score, status.
-        raise UploadFailed(result.upload.describe(), data=to_json(result.data))
-    return jsonify({"data": to_json(result.data)})
+    payload = parse_body(read_body(svc.settings.max_body_bytes), request.content_type)
+    req = check_inputs(payload, svc.settings, svc.limits.current())
+    key = parse_key(request.headers.get(HEADER))  # after validation: a 400 stores nothing
+
+    def run() -> Answer:
+        result = generate(svc, req)
+        if result.upload is not None and not result.upload.ok:
+            # The image exists and may even be stored; the client still gets hash, score, status.
+            raise UploadFailed(result.upload.describe(), data=to_json(result.data))
+        return 200, {"data": to_json(result.data)}, {}
+
+    if key is None:
+        status, body, headers = run()
+    else:
+        status, body, headers = run_once(
+            svc.store.idempotency if svc.store else None,
+            (api_owner(), request.path),
+            key,
+            fingerprint(payload),
+            run,
+            counted=svc.metrics.idempotency,
+        )
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(headers)
+    return response
 
 
 @bp.post("/moderate", endpoint="moderate")
@@ -53,7 +66,7 @@ def moderate_image() -> Any:
         boundary = request.mimetype_params.get("boundary")
         req = check_moderate_form(request.stream, boundary, svc.settings)
     else:
-        req = check_moderate_json(_read_body(limit), request.content_type, svc.settings)
+        req = check_moderate_json(read_body(limit), request.content_type, svc.settings)
     return jsonify({"data": to_json(moderate(svc, req).data)})
 
 
@@ -76,7 +89,8 @@ def readyz() -> Any:
 @bp.get("/metrics")
 def metrics() -> Response:
     svc = services()
-    return Response(svc.metrics.render(), content_type=svc.metrics.content_type)
+    queue = current_app.extensions["gateway_queue_reading"].current() if svc.store else None
+    return Response(svc.metrics.render(queue), content_type=svc.metrics.content_type)
 
 
 @bp.get("/openapi.json")

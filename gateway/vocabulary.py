@@ -110,3 +110,26 @@ HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 OTHER_METHOD = "other"
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is (its object's `status`; the label of worker_jobs_total)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class IdempotencyOutcome(str, enum.Enum):
+    """What an Idempotency-Key did to a request (the label of gateway_idempotency_total)."""
+
+    STORED = "stored"  # a first request's answer was stored
+    REPLAYED = "replayed"  # a repeat got the stored answer
+    CONFLICT = "conflict"  # a repeat while the first was in flight: 409
+    MISMATCH = "mismatch"  # the same key with another body: 422

@@ -15,6 +15,7 @@ it did) is retried once on another ready replica while the deadline leaves at le
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import Unavailable, UpstreamError
+from gateway.errors import Canceled, GatewayError, Unavailable, UpstreamError
 from gateway.metrics import NULL_METRICS, Recorder
 from gateway.triton import contract
 from gateway.triton.failures import classify
@@ -47,6 +48,12 @@ _CHANNEL_ARGS = [
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+# How often a cancellable call looks at its cancel event: a canceled job stops within this
+# much of the next denoising step.
+_CANCEL_POLL_S = 0.1
+# The classifier enforces the spec's 5 s itself (status "timeout"); this covers its queue and
+# the transfer, after which the gateway applies the same fail-safe.
+_CLASSIFIER_DEADLINE_S = 6.0
 # A retry needs at least this much of the deadline left: less cannot make an image, and the
 # honest answer is then the 503 of the failure rather than a 504 after a doomed try.
 _MIN_RETRY_S = 1.0
@@ -130,6 +137,8 @@ class TritonGateway:
         self.queue_timeout_us = (
             None if queue_timeout_s is None else max(1, int(queue_timeout_s * 1_000_000))
         )
+        # ensemble -> (diffusion, upscaler): the steps generate_cancellable calls itself.
+        self._steps: dict[str, tuple[str, str]] = {}
         # Nothing connects or resolves before the first use: building the gateway never fails
         # because Triton is down, and the refresher starts in the process that serves.
         self.replicas = ReplicaSet(
@@ -162,9 +171,19 @@ class TritonGateway:
         self.replicas.close()
 
     def generate(
-        self, generation: contract.Generation, *, nsfw: bool, deadline_s: float
+        self,
+        generation: contract.Generation,
+        *,
+        nsfw: bool,
+        deadline_s: float,
+        cancel: threading.Event | None = None,
     ) -> Generated:
-        """One image, through `txt2img_nsfw` when `nsfw` else `txt2img`."""
+        """One image, through `txt2img_nsfw` when `nsfw` else `txt2img`; with `cancel`, step by
+        step instead (`generate_cancellable`)."""
+        if cancel is not None:
+            return self.generate_cancellable(
+                generation, nsfw=nsfw, deadline_s=deadline_s, cancel=cancel
+            )
         kind = contract.Model.TXT2IMG_NSFW if nsfw else contract.Model.TXT2IMG
         model = self.nsfw_model if nsfw else self.model
         result = self._infer(
@@ -184,6 +203,84 @@ class TritonGateway:
             shape = None if image is None else image.shape
             raise UpstreamError(f"{model} returned an image of shape {shape}, expected {expected}")
         return Generated(image, contract.read_nsfw(result) if nsfw else None)
+
+    def generate_cancellable(
+        self,
+        generation: contract.Generation,
+        *,
+        nsfw: bool,
+        deadline_s: float,
+        cancel: threading.Event,
+    ) -> Generated:
+        """One image whose generation stops in Triton when `cancel` is set (raises `Canceled`).
+
+        Triton 2.51 does not pass a cancellation on to the first model of an ensemble, so this
+        calls the ensemble's steps one by one, as the ensemble would: the diffusion model (a
+        cancel reaches its loop between steps), then the upscaler and the classifier on the
+        generated image, with the same NSFW fail-safe."""
+        started = time.monotonic()
+        diffusion, upscaler = self._step_models(self.nsfw_model if nsfw else self.model)
+        result = self._infer(
+            diffusion,
+            generation.inputs(upscaler=False),
+            (contract.IMAGE,),
+            deadline_s,
+            parameters=lambda left_s: {contract.TIMEOUT_MS: max(1, int(left_s * 1000))},
+            queue_timeout_us=self.queue_timeout_us,
+            cancel=cancel,
+        )
+        image = result.as_numpy(contract.IMAGE.name)
+        expected = (1, generation.height, generation.width, 3)
+        if image is None or image.shape != expected or image.dtype != contract.IMAGE.dtype:
+            shape = None if image is None else image.shape
+            raise UpstreamError(f"{diffusion} returned an image of shape {shape}, expected {expected}")
+        reading = self._classify_fail_safe(image[0]) if nsfw else None
+        if generation.scale != contract.NO_UPSCALE:
+            left_s = deadline_s - (time.monotonic() - started)
+            upscaled = self._infer(
+                upscaler,
+                contract.tensors(
+                    {
+                        contract.IMAGE.name: image,
+                        contract.SCALE.name: np.array([[generation.scale]], contract.SCALE.dtype),
+                    }
+                ),
+                (contract.IMAGE,),
+                left_s,
+                cancel=cancel,
+            ).as_numpy(contract.IMAGE.name)
+            if upscaled is None or upscaled.shape != generation.image_shape:
+                shape = None if upscaled is None else upscaled.shape
+                raise UpstreamError(
+                    f"{upscaler} returned an image of shape {shape}, "
+                    f"expected {generation.image_shape}"
+                )
+            image = upscaled
+        return Generated(image, reading)
+
+    def _classify_fail_safe(self, pixels: np.ndarray) -> contract.NsfwReading:
+        # The spec's fail-safe: an error or a timeout scores 1.0 and the upload goes on.
+        try:
+            return self.classify(pixels, _CLASSIFIER_DEADLINE_S)
+        except GatewayError as exc:
+            timed_out = exc.status == 504
+            status = contract.NsfwStatus.TIMEOUT if timed_out else contract.NsfwStatus.ERROR
+            return contract.NsfwReading(contract.FAIL_SAFE_SCORE, status)
+
+    def _step_models(self, ensemble: str) -> tuple[str, str]:
+        """(diffusion, upscaler) behind an ensemble, from Triton's copy of its config."""
+        cached = self._steps.get(ensemble)
+        if cached is not None:
+            return cached
+        with self._leased() as client:
+            config = client.get_model_config(
+                ensemble, as_json=True, client_timeout=self.probe_timeout_s
+            )["config"]
+        diffusion, upscaler = contract.generation_model(config), contract.upscaler_model(config)
+        if diffusion is None or upscaler is None:
+            raise UpstreamError(f"{ensemble} has no diffusion or no upscaler step")
+        self._steps[ensemble] = (diffusion, upscaler)
+        return diffusion, upscaler
 
     def classify(self, pixels: np.ndarray, deadline_s: float) -> contract.NsfwReading:
         """NSFW score and status of one (H, W, 3) uint8 RGB image, with the same fail-safe as
@@ -219,6 +316,7 @@ class TritonGateway:
         deadline_s: float,
         parameters: Callable[[float], dict[str, Any]] | None = None,
         queue_timeout_us: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> grpcclient.InferResult:
         """One call on one replica, and at most one retry on another (module docstring).
         `parameters` gives the request parameters for the time left."""
@@ -227,8 +325,9 @@ class TritonGateway:
         retried = False
         while True:
             left_s = deadline_s - (time.monotonic() - started)
+            call = replica.client.infer if cancel is None else _unless(cancel, replica.client)
             try:
-                result = replica.client.infer(
+                result = call(
                     model,
                     inputs,
                     outputs=[grpcclient.InferRequestedOutput(t.name) for t in outputs],
@@ -338,3 +437,31 @@ class TritonGateway:
                     loaded[name] = labels
         return loaded
 
+
+def _unless(
+    cancel: threading.Event, client: grpcclient.InferenceServerClient
+) -> Callable[..., grpcclient.InferResult]:
+    """`client.infer`, but one that cancels the gRPC call (which Triton passes on to the
+    model) as soon as `cancel` is set, and then raises `Canceled`."""
+
+    def infer(model: str, inputs: list[grpcclient.InferInput], **kwargs: Any) -> grpcclient.InferResult:
+        done = threading.Event()
+        answer: list[tuple[Any, Any]] = []
+
+        def finished(result: Any, error: Any) -> None:
+            answer.append((result, error))
+            done.set()
+
+        if cancel.is_set():
+            raise Canceled("the job was canceled")
+        call = client.async_infer(model, inputs, finished, **kwargs)
+        while not done.wait(_CANCEL_POLL_S):
+            if cancel.is_set():
+                call.cancel()
+                raise Canceled("the job was canceled")
+        result, error = answer[0]
+        if error is not None:
+            raise error
+        return result
+
+    return infer

@@ -229,6 +229,14 @@ class ModelLimits:
         )
 
 
+def upscaler_model(ensemble_config: Mapping[str, Any]) -> str | None:
+    """The model an ensemble hands the SCALE to (its upscaler step), from its config."""
+    for step in ensemble_config.get("ensemble_scheduling", {}).get("step", []):
+        if SCALE.name in step.get("input_map", {}):
+            return str(step["model_name"])
+    return None
+
+
 def generation_model(ensemble_config: Mapping[str, Any]) -> str | None:
     """The model an ensemble hands the PROMPT to (its diffusion step), from its config."""
     for step in ensemble_config.get("ensemble_scheduling", {}).get("step", []):

@@ -1,0 +1,1 @@
+"""Asynchronous generation: jobs on Redis, run by workers, announced by signed webhooks."""

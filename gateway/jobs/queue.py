@@ -1,0 +1,100 @@
+"""The job queue: Dramatiq's Redis broker and the two actors, `run_job` and `deliver_webhook`.
+
+Why Dramatiq (docs/jobs.md has the comparison): a worker is one process with a pool of threads,
+so one worker holds `GATEWAY_WORKER_THREADS` generations at once and queued jobs of one shape
+share a denoising pass; its Redis broker acknowledges a message only after the actor returns, and
+puts back the messages of a worker whose heartbeat stopped (a SIGKILLed worker's jobs run again);
+a stopping worker finishes the messages it holds. Messages carry the job id only: the record in
+the store (gateway.jobs.store) is the job.
+
+Gateways only send; workers (gateway.jobs.worker) consume with the same broker settings, and
+give the actors their handlers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+
+from gateway.jobs.store import bounded, nothing
+
+# Queues in Redis (Dramatiq prefixes them with its namespace).
+NAMESPACE = "imagegen-queue"
+JOBS = "jobs"
+WEBHOOKS = "webhooks"
+# Dramatiq looks for dead workers on this share of its commands (per million). Its default,
+# 1,000, takes minutes to notice one on a quiet queue; the scan is cheap (one sorted-set range).
+_MAINTENANCE_CHANCE = 50_000
+
+
+def _unset(*_args: object) -> None:
+    raise RuntimeError("this process only sends jobs; a worker runs them")
+
+
+@dataclass
+class Handlers:
+    """What the actors do in a worker process: run a job; deliver a job's webhook (attempt n)."""
+
+    run_job: Callable[[str], None] = _unset
+    deliver_webhook: Callable[[str, int], None] = _unset
+
+
+class JobQueue:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        requeue_s: float,
+        retry_after_s: int,
+        failed: Callable[[], None] = nothing,
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        self.failed = failed
+        # No middleware: retries, time limits and results are the job's own business (its
+        # record, its deadline in Triton); Dramatiq's defaults would run a failed job again.
+        self.broker = RedisBroker(
+            client=client,
+            namespace=NAMESPACE,
+            middleware=[],
+            heartbeat_timeout=int(requeue_s * 1000),
+            maintenance_chance=_MAINTENANCE_CHANCE,
+        )
+        self.handlers = Handlers()
+        self.run_job = dramatiq.actor(
+            lambda job_id: self.handlers.run_job(job_id),
+            actor_name="run_job", queue_name=JOBS, broker=self.broker,
+        )
+        self.deliver_webhook = dramatiq.actor(
+            lambda job_id, attempt: self.handlers.deliver_webhook(job_id, attempt),
+            actor_name="deliver_webhook", queue_name=WEBHOOKS, broker=self.broker,
+        )
+
+    def enqueue(self, job_id: str) -> None:
+        with bounded(self.retry_after_s, "enqueue", self.failed):
+            self.run_job.send(job_id)
+
+    def enqueue_delivery(self, job_id: str, attempt: int, delay_s: float) -> None:
+        with bounded(self.retry_after_s, "enqueue delivery", self.failed):
+            self.deliver_webhook.send_with_options(
+                args=(job_id, attempt), delay=int(delay_s * 1000) or None
+            )
+
+    def depth(self) -> int:
+        """Messages waiting in the jobs queue (Dramatiq's own count)."""
+        with bounded(self.retry_after_s, "queue size", self.failed):
+            return int(self.broker.do_qsize(JOBS))
+
+    def heartbeat(self, stop: threading.Event, every_s: float) -> None:
+        """Keep this worker alive in the broker's eyes while all its threads are busy: its
+        consumers only talk to Redis (and so beat) when they fetch, and a worker whose jobs
+        outlast GATEWAY_WORKER_REQUEUE_S would otherwise have them taken up again elsewhere."""
+        while not stop.wait(every_s):
+            try:
+                self.broker.do_qsize(JOBS)
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # Redis is away; the consumers reconnect, and so does this

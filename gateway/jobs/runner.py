@@ -1,0 +1,167 @@
+"""What a worker does with one job: take it, generate exactly as `/generate` would, record how it
+ended, and have its webhook delivered.
+
+    runner.run(job_id)   # from the run_job actor, on one of the worker's threads
+
+A job is run by the same use case as `/generate` (`check_inputs`, then `generate`), with the job
+deadline and a cancel event the `CancelWatcher` sets when its owner cancels it. The store's
+transitions decide what may happen: a job canceled while queued is never started (Triton never
+sees it), and the first run to finish a job wins (a job taken up again after its worker died
+may run twice; its object is named by its content, so the second upload is harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from gateway.errors import Canceled, GatewayError, UploadFailed
+from gateway.generate import check_inputs, generate
+from gateway.jobs.job import JobStatus
+from gateway.jobs.queue import JobQueue
+from gateway.jobs.store import CANCEL_CHANNEL, JobStore, StoreUnavailable
+from gateway.schema import to_json
+from gateway.services import Services
+
+log = logging.getLogger(__name__)
+
+# A worker that cannot reach the store keeps trying this long before it gives the message back.
+_STORE_PATIENCE_S = 60.0
+_store_retry = retry(
+    retry=retry_if_exception_type(StoreUnavailable),
+    wait=wait_exponential(multiplier=0.25, max=5),
+    stop=stop_after_delay(_STORE_PATIENCE_S),
+    reraise=True,
+)
+
+
+class CancelWatcher:
+    """One listener per worker process on the store's cancel channel: sets the event of a job
+    this worker runs when its owner cancels it. A message missed while Redis was away is made
+    up for by a sweep of the records of the jobs it runs every `sweep_s`."""
+
+    def __init__(self, store: JobStore, *, sweep_s: float = 2.0) -> None:
+        self.store = store
+        self.sweep_s = sweep_s
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="cancel-watcher", daemon=True)
+
+    def start(self) -> CancelWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def watch(self, job_id: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[job_id] = event
+        return event
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._events.pop(job_id, None)
+
+    def _set(self, job_id: str) -> None:
+        with self._lock:
+            event = self._events.get(job_id)
+        if event is not None:
+            event.set()
+
+    def _listen(self) -> None:
+        swept = time.monotonic()
+        while not self._stop.is_set():
+            pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(CANCEL_CHANNEL)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is not None and message.get("type") == "message":
+                        self._set(message["data"].decode("ascii", "replace"))
+                    if time.monotonic() - swept >= self.sweep_s:
+                        swept = time.monotonic()
+                        self._sweep()
+            except (redis.ConnectionError, redis.TimeoutError, StoreUnavailable):
+                self._stop.wait(1.0)  # Redis is away: try again, and sweep when it is back
+            finally:
+                try:
+                    pubsub.close()
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
+
+    def _sweep(self) -> None:
+        with self._lock:
+            running = list(self._events)
+        for job_id in running:
+            record = self.store.get(job_id)
+            if record is not None and record.cancel_requested:
+                self._set(job_id)
+
+
+class JobRunner:
+    def __init__(
+        self, services: Services, store: JobStore, queue: JobQueue, watcher: CancelWatcher
+    ) -> None:
+        self.services = services
+        self.store = store
+        self.queue = queue
+        self.watcher = watcher
+
+    def run(self, job_id: str) -> None:
+        metrics, settings = self.services.metrics, self.services.settings
+        record = _store_retry(self.store.start)(job_id)
+        if record is None:
+            log.info("job %s not run: canceled, finished or expired before it started", job_id)
+            return
+        cancel = self.watcher.watch(job_id)
+        started = time.perf_counter()
+        metrics.job_started()
+        try:
+            if record.cancel_requested:  # canceled between the start and the watch
+                cancel.set()
+            status, data, error = self._generate(record.request, cancel)
+        finally:
+            self.watcher.forget(job_id)
+            metrics.job_ended()
+        final = _store_retry(self.store.finish)(job_id, status, data=data, error=error)
+        seconds = time.perf_counter() - started
+        if final is None:
+            log.info("job %s ran again after its worker died; the first run's end stands", job_id)
+            return
+        metrics.job_finished(status, seconds)
+        log.info("job %s %s after %.2fs (attempt %d)", job_id, status.value, seconds, final.attempts)
+        if final.webhook is not None and settings.webhook_secrets:
+            _store_retry(self.queue.enqueue_delivery)(job_id, 1, 0.0)
+
+    def _generate(
+        self, request: dict[str, Any], cancel: threading.Event
+    ) -> tuple[JobStatus, dict[str, Any] | None, dict[str, Any] | None]:
+        svc = self.services
+        try:
+            req = check_inputs(request, svc.settings, svc.limits.current())
+            result = generate(svc, req, deadline_s=svc.settings.job_deadline_s, cancel=cancel)
+        except Canceled as exc:
+            return JobStatus.CANCELED, None, _error(exc)
+        except GatewayError as exc:
+            return JobStatus.FAILED, exc.data, _error(exc)
+        except Exception:  # a bug: the job fails with the same 500 body /generate would send
+            log.exception("job failed unexpectedly")
+            return JobStatus.FAILED, None, {"code": "internal_error", "message": "internal error"}
+        data = to_json(result.data)
+        if result.upload is not None and not result.upload.ok:
+            return JobStatus.FAILED, data, _error(UploadFailed(result.upload.describe()))
+        return JobStatus.SUCCEEDED, data, None
+
+
+def _error(exc: GatewayError) -> dict[str, Any]:
+    detail: dict[str, Any] = exc.body()["error"]
+    return detail
