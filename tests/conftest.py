@@ -11,6 +11,7 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from embedded.redis import RedisServer
 from embedded.triton import DEFAULT_REPOSITORY, TritonServer
 from export.demo_models import DEMO_DIR, build
 from tests.models.helpers import HOLD_ENV, failing_nsfw_repository
@@ -48,3 +49,22 @@ def failing_nsfw_triton(
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server (Debian's) for the session, with the shipped persistence."""
+    server = RedisServer.on_free_port(tmp_path_factory.mktemp("redis"))
+    server.launch()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test (a test that stops or freezes it restarts
+    or resumes it before it ends)."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url, socket_timeout=5).flushall()
+    return redis_server.url
