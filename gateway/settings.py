@@ -399,7 +399,7 @@ class Settings:
     )
     workers: int = _setting("WORKERS", int, "gunicorn worker processes.", default=1)
     threads: int = _setting(
-        "THREADS", int, "Threads per gunicorn worker (requests served at once).", default=8
+        "THREADS", int, "Threads per gunicorn worker (requests served at once).", default=10
     )
     metrics_dir: str | None = _setting(
         "METRICS_DIR",
@@ -439,7 +439,7 @@ class Settings:
         "Most `/generate` requests one process works on at once; the next gets 429 with "
         f"Retry-After. THREADS must exceed it by {SPARE_THREADS} (gunicorn does not start "
         "otherwise), so that quick answers never wait behind generations.",
-        default=6,
+        default=8,
     )
     shutdown_timeout_s: float | None = _setting(
         "SHUTDOWN_TIMEOUT_S",
