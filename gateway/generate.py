@@ -269,11 +269,14 @@ def generate(
     *,
     deadline_s: float | None = None,
     cancel: threading.Event | None = None,
+    priority: contract.Priority | None = None,
 ) -> GenerateResult:
     """Generate, score, encode, hash, upload (or inline) one image.
 
     `deadline_s`: Triton's deadline (GATEWAY_TRITON_DEADLINE_S when not given); `cancel`: an
-    event that stops the generation inside Triton (raises `Canceled`), for jobs."""
+    event that stops the generation inside Triton (raises `Canceled`), for jobs; `priority`: the
+    level it queues at in the diffusion model (None: the model's default, BATCH). Who gets which
+    is the caller's choice."""
     metrics, settings = services.metrics, services.settings
     deadline_s = settings.triton_deadline_s if deadline_s is None else deadline_s
     # 1. Resolve the upload host once and check every address, before any GPU time is spent;
@@ -287,7 +290,11 @@ def generate(
         # 2. Generate (and score, inside the ensemble) on Triton.
         with metrics.stage("triton"):
             generated = services.triton.generate(
-                req.generation(), nsfw=req.enable_nsfw_check, deadline_s=deadline_s, cancel=cancel
+                req.generation(),
+                nsfw=req.enable_nsfw_check,
+                deadline_s=deadline_s,
+                cancel=cancel,
+                priority=priority,
             )
         nsfw = generated.nsfw
         flagged = nsfw.flagged(settings.nsfw_threshold) if nsfw else None

@@ -17,6 +17,7 @@ from gateway.openapi import build_openapi
 from gateway.readiness import PublicReadiness
 from gateway.schema import to_json
 from gateway.services import Services
+from gateway.triton.contract import Priority
 
 bp = Blueprint("gateway", __name__)
 
@@ -33,7 +34,8 @@ def generate_image() -> Any:
     key = parse_key(request.headers.get(HEADER))  # after validation: a 400 stores nothing
 
     def run() -> Answer:
-        result = generate(svc, req)
+        # A caller waits on this answer: ahead of the jobs' batch work in Triton's queue.
+        result = generate(svc, req, priority=Priority.INTERACTIVE)
         if result.upload is not None and not result.upload.ok:
             # The image exists and may even be stored; the client still gets hash, score, status.
             raise UploadFailed(result.upload.describe(), data=to_json(result.data))

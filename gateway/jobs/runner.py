@@ -27,6 +27,7 @@ from gateway.jobs.queue import JobQueue
 from gateway.jobs.store import CANCEL_CHANNEL, JobStore, StoreUnavailable
 from gateway.schema import to_json
 from gateway.services import Services
+from gateway.triton.contract import Priority
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,11 @@ class JobRunner:
         svc = self.services
         try:
             req = check_inputs(request, svc.settings, svc.limits.current())
-            result = generate(svc, req, deadline_s=svc.settings.job_deadline_s, cancel=cancel)
+            # Nobody waits on a job in person: it queues behind every interactive /generate.
+            result = generate(
+                svc, req, deadline_s=svc.settings.job_deadline_s, cancel=cancel,
+                priority=Priority.BATCH,
+            )
         except Canceled as exc:
             return JobStatus.CANCELED, None, _error(exc)
         except GatewayError as exc:

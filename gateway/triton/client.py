@@ -177,12 +177,14 @@ class TritonGateway:
         nsfw: bool,
         deadline_s: float,
         cancel: threading.Event | None = None,
+        priority: contract.Priority | None = None,
     ) -> Generated:
         """One image, through `txt2img_nsfw` when `nsfw` else `txt2img`; with `cancel`, step by
-        step instead (`generate_cancellable`)."""
+        step instead (`generate_cancellable`). `priority`: the diffusion model's queue level
+        (None: the model's default, BATCH)."""
         if cancel is not None:
             return self.generate_cancellable(
-                generation, nsfw=nsfw, deadline_s=deadline_s, cancel=cancel
+                generation, nsfw=nsfw, deadline_s=deadline_s, cancel=cancel, priority=priority
             )
         kind = contract.Model.TXT2IMG_NSFW if nsfw else contract.Model.TXT2IMG
         model = self.nsfw_model if nsfw else self.model
@@ -194,8 +196,10 @@ class TritonGateway:
             # Triton 2.51 drops the gRPC deadline at the ensemble's first step; the
             # diffusion model reads this parameter instead and stops between steps.
             parameters=lambda left_s: {contract.TIMEOUT_MS: max(1, int(left_s * 1000))},
-            # How long it may wait in the diffusion model's queue (the ensemble passes it on).
+            # How long it may wait in the diffusion model's queue, and at which level (the
+            # ensemble passes both on).
             queue_timeout_us=self.queue_timeout_us,
+            priority=priority,
         )
         image = result.as_numpy(contract.IMAGE.name)
         expected = generation.image_shape
@@ -211,6 +215,7 @@ class TritonGateway:
         nsfw: bool,
         deadline_s: float,
         cancel: threading.Event,
+        priority: contract.Priority | None = None,
     ) -> Generated:
         """One image whose generation stops in Triton when `cancel` is set (raises `Canceled`).
 
@@ -228,13 +233,14 @@ class TritonGateway:
             parameters=lambda left_s: {contract.TIMEOUT_MS: max(1, int(left_s * 1000))},
             queue_timeout_us=self.queue_timeout_us,
             cancel=cancel,
+            priority=priority,
         )
         image = result.as_numpy(contract.IMAGE.name)
         expected = (1, generation.height, generation.width, 3)
         if image is None or image.shape != expected or image.dtype != contract.IMAGE.dtype:
             shape = None if image is None else image.shape
             raise UpstreamError(f"{diffusion} returned an image of shape {shape}, expected {expected}")
-        reading = self._classify_fail_safe(image[0]) if nsfw else None
+        reading = self._classify_fail_safe(image[0], priority) if nsfw else None
         if generation.scale != contract.NO_UPSCALE:
             left_s = deadline_s - (time.monotonic() - started)
             upscaled = self._infer(
@@ -248,6 +254,7 @@ class TritonGateway:
                 (contract.IMAGE,),
                 left_s,
                 cancel=cancel,
+                priority=priority,
             ).as_numpy(contract.IMAGE.name)
             if upscaled is None or upscaled.shape != generation.image_shape:
                 shape = None if upscaled is None else upscaled.shape
@@ -258,10 +265,12 @@ class TritonGateway:
             image = upscaled
         return Generated(image, reading)
 
-    def _classify_fail_safe(self, pixels: np.ndarray) -> contract.NsfwReading:
+    def _classify_fail_safe(
+        self, pixels: np.ndarray, priority: contract.Priority | None = None
+    ) -> contract.NsfwReading:
         # The spec's fail-safe: an error or a timeout scores 1.0 and the upload goes on.
         try:
-            return self.classify(pixels, _CLASSIFIER_DEADLINE_S)
+            return self.classify(pixels, _CLASSIFIER_DEADLINE_S, priority=priority)
         except GatewayError as exc:
             timed_out = exc.status == 504
             status = contract.NsfwStatus.TIMEOUT if timed_out else contract.NsfwStatus.ERROR
@@ -282,7 +291,9 @@ class TritonGateway:
         self._steps[ensemble] = (diffusion, upscaler)
         return diffusion, upscaler
 
-    def classify(self, pixels: np.ndarray, deadline_s: float) -> contract.NsfwReading:
+    def classify(
+        self, pixels: np.ndarray, deadline_s: float, *, priority: contract.Priority | None = None
+    ) -> contract.NsfwReading:
         """NSFW score and status of one (H, W, 3) uint8 RGB image, with the same fail-safe as
         in the ensemble (1.0 unless the status is `ok`)."""
         result = self._infer(
@@ -290,6 +301,7 @@ class TritonGateway:
             contract.classify_inputs(pixels),
             contract.outputs(contract.Model.CLASSIFIER),
             deadline_s,
+            priority=priority,
         )
         return contract.read_nsfw(result)
 
@@ -317,9 +329,11 @@ class TritonGateway:
         parameters: Callable[[float], dict[str, Any]] | None = None,
         queue_timeout_us: int | None = None,
         cancel: threading.Event | None = None,
+        priority: contract.Priority | None = None,
     ) -> grpcclient.InferResult:
         """One call on one replica, and at most one retry on another (module docstring).
-        `parameters` gives the request parameters for the time left."""
+        `parameters` gives the request parameters for the time left; `priority` the queue level
+        (a model without levels, and 0 for None, take the model's default)."""
         started = time.monotonic()
         replica = self._acquire(model)
         retried = False
@@ -334,6 +348,7 @@ class TritonGateway:
                     client_timeout=left_s,
                     parameters=parameters(left_s) if parameters else None,
                     timeout=queue_timeout_us,
+                    priority=0 if priority is None else int(priority),
                 )
             except InferenceServerException as exc:
                 failed = exc

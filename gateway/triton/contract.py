@@ -32,6 +32,16 @@ class Model(str, enum.Enum):
     TXT2IMG_NSFW = "txt2img_nsfw"  # diffusion -> upscaler, and diffusion -> nsfw beside it
 
 
+class Priority(enum.IntEnum):
+    """The diffusion model's priority levels (its config.pbtxt `dynamic_batching`, one queue
+    policy each): a pass takes every waiting INTERACTIVE request before any BATCH one. A call
+    that names none is BATCH (`default_priority_level`). The ensembles hand the caller's
+    priority to the model."""
+
+    INTERACTIVE = 1  # a caller waiting on the answer (synchronous /generate)
+    BATCH = 2  # work nobody waits on in person (jobs)
+
+
 @dataclass(frozen=True)
 class Tensor:
     name: str
