@@ -1,8 +1,11 @@
-"""End-to-end demo against a running `make serve`: presign, generate, download, verify.
+"""End-to-end demo against a running `make serve`: presign, generate, download, verify; then the
+same through a job.
 
 Creates the bucket, presigns a PUT URL for `.../1.png` with boto3, calls POST /generate with
 it, downloads the object from the returned `s3_url`, checks that its MD5 is `image_hash` and
-that it is a JPEG of the expected size, and prints the response. Exits 1 on any mismatch.
+that it is a JPEG of the expected size, and prints the response. Then submits the same request
+as a job (POST /jobs with `Prefer: wait`), follows it with GET /jobs/{id} until it ends, and
+checks its object the same way. Exits 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -41,13 +45,21 @@ def _presign(s3_url: str, bucket: str, key: str, signature_version: str) -> str:
 
 
 def _post_json(
-    url: str, body: dict[str, Any], timeout: float, api_key: str | None = None
+    url: str,
+    body: dict[str, Any] | None,
+    timeout: float,
+    api_key: str | None = None,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
 ) -> tuple[int, dict[str, Any]]:
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers=headers, method="POST"
+        url,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers=headers,
+        method=method,
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
@@ -72,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sigv2", action="store_true", help="SigV2 query auth, the spec's URL form (default SigV4)"
     )
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--no-job", dest="job", action="store_false", help="skip the job")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("IMAGEGEN_API_KEY"),
@@ -105,7 +118,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL: HTTP {status}")
         return 1
 
-    data = response["data"]
+    problems = _check(response["data"], args)
+    if problems or not args.job:
+        return 1 if problems else 0
+
+    body["s3_prefix"] = _presign(
+        args.s3, args.bucket, args.key.rsplit("/", 1)[0] + "/job.png", "s3" if args.sigv2 else "s3v4"
+    )
+    print(f"\nPOST {args.gateway}/jobs  (the same request as a job; Prefer: wait=30)")
+    status, job = _post_json(
+        f"{args.gateway}/jobs", body, args.timeout, args.api_key, headers={"Prefer": "wait=30"}
+    )
+    deadline = time.monotonic() + args.timeout
+    while status in (200, 202) and job.get("status") not in FINAL and time.monotonic() < deadline:
+        time.sleep(1)
+        status, job = _post_json(
+            f"{args.gateway}{job['urls']['get']}", None, 30, args.api_key, method="GET"
+        )
+    print(json.dumps(job, indent=2))
+    if job.get("status") != "succeeded":
+        print(f"FAIL: HTTP {status}, job {job.get('status')}")
+        return 1
+    return 1 if _check(job["data"], args) else 0
+
+
+FINAL = ("succeeded", "failed", "canceled")
+
+
+def _check(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Download the object, check its name, MD5, format and size; print the verdict."""
     with urllib.request.urlopen(data["s3_url"], timeout=60) as resp:
         stored = resp.read()
     digest = hashlib.md5(stored).hexdigest()
@@ -117,20 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     scale = 2 if args.upscale else 1
+    expected = (args.width * scale, args.height * scale)
     with Image.open(io.BytesIO(stored)) as image:
-        expected = (args.width * scale, args.height * scale)
         if image.format != "JPEG" or image.size != expected:
             problems.append(f"stored object is {image.format} {image.size}, expected JPEG {expected}")
     for problem in problems:
         print(f"FAIL: {problem}")
-    if problems:
-        return 1
-    print(
-        f"OK: downloaded {len(stored)} bytes from s3_url, named {{image_hash}}.jpg; their MD5 "
-        f"{digest} is image_hash; a {expected[0]}x{expected[1]} JPEG as asked "
-        f"({args.width}x{args.height}{', upscaled 2x' if args.upscale else ''})"
-    )
-    return 0
+    if not problems:
+        print(
+            f"OK: downloaded {len(stored)} bytes from s3_url, named {{image_hash}}.jpg; their MD5 "
+            f"{digest} is image_hash; a {expected[0]}x{expected[1]} JPEG as asked "
+            f"({args.width}x{args.height}{', upscaled 2x' if args.upscale else ''})"
+        )
+    return problems
 
 
 if __name__ == "__main__":

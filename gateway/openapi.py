@@ -4,11 +4,16 @@ response types the views serialise (a field they send cannot be missing here).""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from gateway.errors import ErrorBody
+from gateway.errors import ErrorBody, ErrorDetail
 from gateway.fields import object_schema
 from gateway.generate import B64Data, ResponseFormat, S3Data, request_fields
+from gateway.idempotency import HEADER as IDEMPOTENCY_KEY
+from gateway.idempotency import REPLAYED_HEADER
+from gateway.jobs.job import ID_PATTERN, JobObject
+from gateway.jobs.webhooks import FIELD as WEBHOOK
 from gateway.limits import GenerationLimits
 from gateway.moderate import ModerateData, moderate_fields
 from gateway.readiness import PublicReadiness, Readiness
@@ -41,6 +46,32 @@ _ERRORS = {
     "503": "Triton or the model is unavailable, the request waited past the inference queue's "
     "timeout, or the upload host cannot be resolved right now; retry after `Retry-After` seconds.",
     "504": "Generation did not finish within GATEWAY_TRITON_DEADLINE_S.",
+}
+
+_IDEMPOTENCY_ERRORS = {
+    "409": f"A request with this {IDEMPOTENCY_KEY} is still in progress "
+    "(`error.code` idempotency_key_in_use); retry after `Retry-After` seconds.",
+    "422": f"This {IDEMPOTENCY_KEY} was used with another body "
+    "(`error.code` idempotency_key_mismatch).",
+}
+
+_JOB_ERRORS = {
+    "400": "Invalid request: anything /generate refuses, response_format b64_json (jobs deliver "
+    "to storage), or a webhook that is not an allowed https URL (or no webhook secret is "
+    "configured). Nothing is queued.",
+    "401": _ERRORS["401"],
+    "413": _ERRORS["413"],
+    "415": _ERRORS["415"],
+    **_IDEMPOTENCY_ERRORS,
+    "503": "The job store (Redis) is unavailable or not configured; retry after `Retry-After` "
+    "seconds.",
+}
+
+_JOB_READ_ERRORS = {
+    "401": _ERRORS["401"],
+    "404": "No such job: an unknown id, one of another API key, or one past its TTL "
+    "(GATEWAY_JOB_TTL_S).",
+    "503": _JOB_ERRORS["503"],
 }
 
 _MODERATE_ERRORS = {
@@ -93,18 +124,47 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
             },
         },
     }
-    responses = schemas(S3Data, B64Data, ModerateData, ErrorBody, Readiness, PublicReadiness)
+    responses = schemas(
+        S3Data, B64Data, ModerateData, ErrorBody, Readiness, PublicReadiness, JobObject
+    )
     # errors.py cannot name the use case's type: the data block of upload_failed is S3Data's.
     error_data = responses["ErrorBody"]["properties"]["data"]
     responses["ErrorBody"]["properties"]["data"] = {**ref(S3Data), **error_data}
+    # Nor can the job's module: its data is /generate's, its error the error object.
+    job = responses["JobObject"]["properties"]
+    job["data"] = {"oneOf": [ref(S3Data), {"type": "null"}], **job["data"]}
+    job["error"] = {"oneOf": [ref(ErrorDetail), {"type": "null"}], **job["error"]}
     retry_after = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}}
+    security = [{"bearer": []}] if _auth_enabled(settings) else []
+    idempotency_key = {
+        "name": IDEMPOTENCY_KEY,
+        "in": "header",
+        "required": False,
+        "description": "Makes a retry safe (IETF httpapi draft): the same key with the same "
+        "body, by the same API key, to the same path, within GATEWAY_IDEMPOTENCY_TTL_S, gets "
+        "the first answer again (and `Idempotent-Replayed: true`) without a second generation. "
+        'A Structured Field string (`"..."`) or a bare token, 1-255 printable ASCII characters.',
+        "schema": {"type": "string", "maxLength": 257},
+    }
+    replayed = {
+        REPLAYED_HEADER: {
+            "schema": {"type": "string", "const": "true"},
+            "description": f"Present when this is the stored answer of an earlier request with "
+            f"the same {IDEMPOTENCY_KEY}.",
+        }
+    }
+    job_content = {"application/json": {"schema": ref(JobObject)}}
+    job_id = {
+        "name": "job_id", "in": "path", "required": True,
+        "schema": {"type": "string", "pattern": ID_PATTERN},
+    }
 
     def error(description: str, status: str) -> dict[str, Any]:
         response: dict[str, Any] = {
             "description": description,
             "content": {"application/json": {"schema": ref(ErrorBody)}},
         }
-        if status in ("429", "503"):
+        if status in ("409", "429", "503"):
             response["headers"] = retry_after
         if status == "401":
             response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
@@ -123,7 +183,8 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                 "post": {
                     "summary": "Generate an image, score it, upload it (or return it inline).",
                     # Every other path is open: probes, metrics and this document.
-                    "security": [{"bearer": []}] if _auth_enabled(settings) else [],
+                    "security": security,
+                    "parameters": [idempotency_key],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
@@ -131,6 +192,7 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                     "responses": {
                         "200": {
                             "description": "Generated (and uploaded, for response_format s3).",
+                            "headers": replayed,
                             "content": {
                                 "application/json": {
                                     "schema": {
@@ -146,7 +208,91 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                                 }
                             },
                         },
-                        **{status: error(text, status) for status, text in _ERRORS.items()},
+                        **{
+                            status: error(text, status)
+                            for status, text in {**_ERRORS, **_IDEMPOTENCY_ERRORS}.items()
+                        },
+                    },
+                }
+            },
+            "/jobs": {
+                "post": {
+                    "summary": "Queue a generation: the /generate body, plus an optional "
+                    "webhook told when the job ends. Answers at once (202) unless "
+                    "`Prefer: wait=N` asks to hold the answer until it ends.",
+                    "security": security,
+                    "parameters": [
+                        idempotency_key,
+                        {
+                            "name": "Prefer",
+                            "in": "header",
+                            "required": False,
+                            "description": "RFC 7240 `wait=N`: hold the answer up to N seconds "
+                            f"(at most GATEWAY_JOB_MAX_WAIT_S, {settings.job_max_wait_s:g} "
+                            "here) for the job to end.",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Prefer: wait was applied and the job ended in time.",
+                            "headers": {
+                                "Preference-Applied": {"schema": {"type": "string"}},
+                                "Location": {"schema": {"type": "string"}},
+                                **replayed,
+                            },
+                            "content": job_content,
+                        },
+                        "202": {
+                            "description": "Queued (or still running after the wait).",
+                            "headers": {
+                                "Location": {
+                                    "schema": {"type": "string"},
+                                    "description": "/jobs/{id}",
+                                },
+                                "Preference-Applied": {"schema": {"type": "string"}},
+                                **replayed,
+                            },
+                            "content": job_content,
+                        },
+                        **{status: error(text, status) for status, text in _JOB_ERRORS.items()},
+                    },
+                }
+            },
+            "/jobs/{job_id}": {
+                "get": {
+                    "summary": "The job: its status and, once it ended, its data or error.",
+                    "security": security,
+                    "parameters": [job_id],
+                    "responses": {
+                        "200": {"description": "The job.", "content": job_content},
+                        **{
+                            status: error(text, status)
+                            for status, text in _JOB_READ_ERRORS.items()
+                        },
+                    },
+                }
+            },
+            "/jobs/{job_id}/cancel": {
+                "post": {
+                    "summary": "Cancel: a queued job never runs, a running one stops inside "
+                    "Triton and ends canceled; a finished one is answered unchanged.",
+                    "security": security,
+                    "parameters": [job_id],
+                    "responses": {
+                        "200": {
+                            "description": "The job as it is now (a running one may still "
+                            "show running until its worker has stopped it).",
+                            "content": job_content,
+                        },
+                        **{
+                            status: error(text, status)
+                            for status, text in _JOB_READ_ERRORS.items()
+                        },
                     },
                 }
             },
@@ -154,7 +300,7 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                 "post": {
                     "summary": "Score an existing image: the NSFW model and, when asked, "
                     "NVIDIA's deepfake detection.",
-                    "security": [{"bearer": []}] if _auth_enabled(settings) else [],
+                    "security": security,
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -210,8 +356,34 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
             },
             "schemas": {
                 "GenerateRequest": request_schema,
+                "JobRequest": _job_request(request_schema),
                 "ModerateRequest": moderate_request,
                 **responses,
             },
         },
     }
+
+
+def _job_request(generate: dict[str, Any]) -> dict[str, Any]:
+    """/generate's request, response_format s3 only, plus `webhook`."""
+    schema = copy.deepcopy(generate)
+    for key in ("if", "then", "else", "examples"):
+        schema.pop(key, None)
+    schema["required"] = [*schema["required"], "s3_prefix"]
+    formats = schema["properties"]["response_format"]
+    formats["anyOf"] = [{"type": "string", "enum": [ResponseFormat.S3.value]}, {"type": "null"}]
+    formats["description"] = "Only \"s3\": a job delivers its image to storage."
+    schema["properties"][WEBHOOK] = {
+        "type": "string",
+        "format": "uri",
+        "description": "Receives the job object when the job ends, signed per Standard "
+        "Webhooks v1 (headers webhook-id, webhook-timestamp, webhook-signature; secrets "
+        "GATEWAY_WEBHOOK_SECRETS). https only, unless a GATEWAY_WEBHOOK_ALLOWED_HOSTS entry "
+        "names http:// for the host; hosts outside that allowlist (when set) are refused.",
+    }
+    schema["description"] = (
+        "The /generate body (response_format s3 only), plus an optional webhook. Unknown "
+        "fields are refused (400 naming the field); nothing is queued for a refused request."
+    )
+    schema["examples"] = [{**_SPEC_EXAMPLE, WEBHOOK: "https://hooks.example.com/imagegen"}]
+    return schema

@@ -124,7 +124,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp_path = tmp_path_factory.mktemp("stack")
-    ports = {name: free_port() for name in ("http", "grpc", "metrics", "s3", "gateway", "probes")}
+    names = ("http", "grpc", "metrics", "s3", "gateway", "probes", "redis", "worker_metrics")
+    ports = {name: free_port() for name in names}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FRONT_"))}
     env.update(
         # The clients' port is the front door's; gunicorn takes a free one behind it.
@@ -145,6 +146,8 @@ def served(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 "--triton-grpc-port", str(ports["grpc"]),
                 "--triton-metrics-port", str(ports["metrics"]),
                 "--s3-port", str(ports["s3"]),
+                "--redis-port", str(ports["redis"]),
+                "--worker-metrics-port", str(ports["worker_metrics"]),
                 "--run-dir", str(tmp_path / "run"),
             ],
             cwd=PROJECT_ROOT,
@@ -192,6 +195,9 @@ def test_serve_then_demo(served: Served) -> None:
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "OK: downloaded" in demo.stdout and '"s3_upload_status": 200' in demo.stdout
+    # The same request as a job, run by the stack's worker, its object checked the same way.
+    assert demo.stdout.count("OK: downloaded") == 2 and '"status": "succeeded"' in demo.stdout
+    assert f"redis     redis://127.0.0.1:{served.ports['redis']}/0" in output
 
     # The default allowlist is the local S3 only: Triton's own HTTP port is refused.
     status, body = _post(

@@ -36,10 +36,12 @@ def no_unexpected_server_error(ctx: Any, response: Any, case: Any) -> bool | Non
 
 
 @pytest.fixture
-def fuzz_schema(make_app: Any, triton_settings: Settings, s3: LocalS3) -> Any:
+def fuzz_schema(make_app: Any, triton_settings: Settings, s3: LocalS3, redis_url: str) -> Any:
     # Small limits keep every request the schema calls valid cheap to generate (64-128 px, 2 steps).
+    # With a store: Idempotency-Key and the /jobs endpoints are fuzzed for real, not 503.
     app = make_app(
         triton_settings.replace(
+            redis_url=redis_url,
             api_keys=(KEY,),
             max_size=128,
             max_pixels=128 * 128,
