@@ -76,7 +76,9 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, metrics: Metrics) -> Services:
         """The clients, once per process (a gateway worker or a job worker)."""
-        http = urllib3.PoolManager(num_pools=4, maxsize=settings.threads, retries=False)
+        # A gateway process runs THREADS requests at once, a job worker WORKER_THREADS jobs.
+        concurrency = max(settings.threads, settings.worker_threads)
+        http = urllib3.PoolManager(num_pools=4, maxsize=concurrency, retries=False)
         triton = TritonGateway(
             settings.triton_url,
             settings.triton_metrics_url,
@@ -105,9 +107,7 @@ class Services:
                 metrics=metrics,
             ),
             deepfake=_deepfake_client(settings, metrics),
-            store=Store.from_settings(
-                settings, metrics, connections=max(settings.threads, settings.worker_threads) + 4
-            ),
+            store=Store.from_settings(settings, metrics, connections=concurrency + 4),
         )
 
     def require_deepfake(self) -> DeepfakeClient:
