@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import dramatiq
 import redis
+from dramatiq.broker import Consumer
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import q_name
 
 from gateway.jobs.store import bounded, nothing
 
@@ -30,6 +32,20 @@ WEBHOOKS = "webhooks"
 # Dramatiq looks for dead workers on this share of its commands (per million). Its default,
 # 1,000, takes minutes to notice one on a quiet queue; the scan is cheap (one sorted-set range).
 _MAINTENANCE_CHANCE = 50_000
+# Longest a worker's consumer of `jobs` or `webhooks` waits between two fetches while its queue
+# is empty (ms). Dramatiq's Redis broker polls, backing off up to the worker's timeout (1 s by
+# default): a job waited about half of that to start on an idle worker, and its webhook as long
+# again. At this pace an idle worker makes about 130 fetches a second (one Lua script each; a few
+# percent of a core, docs/benchmarks.md). The delay queues keep Dramatiq's pace: what they hold
+# is due seconds later.
+_POLL_MS = 20
+
+
+class _Broker(RedisBroker):
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        if q_name(queue_name) == queue_name:  # not a delay queue
+            timeout = min(timeout, _POLL_MS)
+        return super().consume(queue_name, prefetch, timeout)
 
 
 def _unset(*_args: object) -> None:
@@ -57,7 +73,7 @@ class JobQueue:
         self.failed = failed
         # No middleware: retries, time limits and results are the job's own business (its
         # record, its deadline in Triton); Dramatiq's defaults would run a failed job again.
-        self.broker = RedisBroker(
+        self.broker = _Broker(
             client=client,
             namespace=NAMESPACE,
             middleware=[],
