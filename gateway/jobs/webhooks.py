@@ -171,7 +171,8 @@ def _post(
     except (TimeoutError, urllib3.exceptions.TimeoutError) as exc:
         if isinstance(exc, urllib3.exceptions.NewConnectionError):  # refused or unreachable
             return Attempt(WebhookOutcome.RETRY, reason="connection failed")
-        return Attempt(WebhookOutcome.RETRY, reason="timed out")
+        # The socket's own timeout is the deadline's too, and may fire before the timer does.
+        return Attempt(WebhookOutcome.RETRY, reason=f"no answer within {deadline.seconds:g}s")
     except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
         # The exception's type only: its text may quote what the receiver sent.
         return Attempt(WebhookOutcome.RETRY, reason=f"connection error ({type(exc).__name__})")
