@@ -13,8 +13,10 @@ import os
 import re
 import runpy
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,7 @@ from gateway.upload.urls import AllowedUrl
 from gateway.vocabulary import WebhookOutcome
 from tests.gateway.faults import HANG, FaultServer, Respond, Trap
 from tests.gateway.test_metrics import value
+from tests.gateway.upload.test_egress import Pki
 
 
 def new_secret() -> str:
@@ -332,6 +335,35 @@ def test_a_name_that_does_not_resolve_now_is_retried(fault_server: FaultServer) 
     attempt = attempt_once(url, resolve=Resolver(socket.gaierror(socket.EAI_AGAIN, "try again")))
     assert attempt.outcome is WebhookOutcome.RETRY
     assert fault_server.requests == []
+
+
+def test_https_goes_to_the_checked_address_with_sni_and_certificate_of_the_name(
+    tmp_path: Path,
+) -> None:
+    pki = Pki(tmp_path)
+    sni: list[str | None] = []
+    context = pki.server_context("hooks.test")
+    context.sni_callback = lambda sock, name, ctx: sni.append(name)  # type: ignore[assignment,misc]
+    receiver = FaultServer(tls=context).start()
+    try:
+        host = f"hooks.test:{receiver.port}"
+        url = check_webhook_url(f"https://{host}/hook", settings_for(allowed=(host,)))
+        resolve = Resolver(["127.0.0.1"])
+        # A name, so only public addresses would pass: the operator's IP-literal entry is what
+        # lets a private receiver in, and a name listed exactly is not one. Vouch for it here.
+        vouched = replace(url, exact=True)
+        attempt = attempt_once(vouched, resolve=resolve, ssl_context=pki.client_context())
+        assert attempt.outcome is WebhookOutcome.DELIVERED, attempt
+        [received] = receiver.requests
+        assert sni == ["hooks.test"]
+        assert received.headers["Host"] == host
+        assert verified(SECRETS[0], received.body, received.headers) == JOB
+        # A certificate for another name: not delivered, retried (the receiver may fix it).
+        other = attempt_once(vouched, resolve=resolve, ssl_context=ssl.create_default_context())
+        assert other.outcome is WebhookOutcome.RETRY and "TLS" in other.reason
+        assert len(receiver.requests) == 1
+    finally:
+        receiver.stop()
 
 
 # -- the check of POST /jobs ---------------------------------------------------------------------
