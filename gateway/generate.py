@@ -34,7 +34,7 @@ from gateway.vocabulary import DeepfakeStatus
 
 log = logging.getLogger(__name__)
 
-_MAX_URL_CHARS = 8192
+MAX_URL_CHARS = 8192  # s3_prefix, and a job's webhook
 _MAX_SEED = 2**63 - 1
 
 
@@ -84,7 +84,7 @@ def request_fields(limits: GenerationLimits) -> tuple[FieldSpec, ...]:
             "Complete presigned http(s) PUT URL; required when response_format is \"s3\" and "
             "not allowed otherwise. Its file name (e.g. `1.png`) is a placeholder replaced by "
             "`{image_hash}.jpg`; everything else is kept byte for byte.",
-            max_length=_MAX_URL_CHARS,
+            max_length=MAX_URL_CHARS,
         ),
         FieldSpec(
             "enable_nsfw_check", "boolean",

@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.errors import ErrorBody, ErrorDetail
 from gateway.fields import object_schema
-from gateway.generate import B64Data, ResponseFormat, S3Data, request_fields
+from gateway.generate import MAX_URL_CHARS, B64Data, ResponseFormat, S3Data, request_fields
 from gateway.idempotency import HEADER as IDEMPOTENCY_KEY
 from gateway.idempotency import REPLAYED_HEADER
 from gateway.jobs.job import ID_PATTERN, JobObject
@@ -376,6 +376,7 @@ def _job_request(generate: dict[str, Any]) -> dict[str, Any]:
     schema["properties"][WEBHOOK] = {
         "type": "string",
         "format": "uri",
+        "maxLength": MAX_URL_CHARS,
         "description": "Receives the job object when the job ends, signed per Standard "
         "Webhooks v1 (headers webhook-id, webhook-timestamp, webhook-signature; secrets "
         "GATEWAY_WEBHOOK_SECRETS). https only, unless a GATEWAY_WEBHOOK_ALLOWED_HOSTS entry "

@@ -16,9 +16,10 @@ from gateway.auth import api_owner
 from gateway.bodies import read_body
 from gateway.errors import InvalidRequest, NotFound
 from gateway.fields import parse_body
-from gateway.generate import ResponseFormat, UploadTo, check_inputs
+from gateway.generate import MAX_URL_CHARS, ResponseFormat, UploadTo, check_inputs
 from gateway.idempotency import HEADER, fingerprint, parse_key, run_once
 from gateway.jobs.job import ID_PATTERN, JobRecord, new_job_id
+from gateway.jobs.store import UNCONFIRMED_S
 from gateway.jobs.webhooks import FIELD as WEBHOOK
 from gateway.jobs.webhooks import check_webhook_url
 from gateway.schema import to_json
@@ -78,8 +79,11 @@ def create_job() -> Any:
             field="response_format",
         )
     if webhook is not None:
-        if not isinstance(webhook, str):
-            raise InvalidRequest("webhook must be a string (an https URL)", field=WEBHOOK)
+        if not isinstance(webhook, str) or len(webhook) > MAX_URL_CHARS:
+            raise InvalidRequest(
+                f"webhook must be a string of at most {MAX_URL_CHARS} characters (an https URL)",
+                field=WEBHOOK,
+            )
         check_webhook_url(webhook, settings)
     key = parse_key(request.headers.get(HEADER))
     store = svc.require_store()
@@ -94,9 +98,10 @@ def create_job() -> Any:
             request=payload,
             webhook=webhook,
         )
-        store.jobs.create(record)
+        store.jobs.create(record, unconfirmed_s=UNCONFIRMED_S)
         try:
             store.queue.enqueue(record.id)
+            store.jobs.confirm(record.id)
         except BaseException:
             store.jobs.forget(record.id)
             raise
