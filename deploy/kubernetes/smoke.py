@@ -14,15 +14,18 @@ only Python's standard library and kubectl. The checks, each printed PASS or FAI
              Service's `probes` port; the clients' port does not serve /readyz).
 4. generate  one POST /generate round trip (b64_json: nothing is uploaded); the JPEG's MD5 is
              the answer's image_hash.
-5. hpa       both HPAs read a value for their Pods metric, not <unknown>: prometheus-adapter,
-             Prometheus and the recording rules are wired (waits up to --hpa-timeout).
+5. hpa       the three HPAs read a value for their metric, not <unknown>: Triton's and the
+             gateways' Pods metrics, the job workers' External one (jobs_outstanding):
+             prometheus-adapter, Prometheus and the recording rules are wired (waits up to
+             --hpa-timeout).
 
 --dry-run runs here against the local stack (`python -m embedded.stack`; `make test` does,
 tests/deploy/test_cluster_smoke.py) with the kubectl parts replaced by what can be checked on
 one machine: gpu reads Triton's metrics endpoint (the pod's GPU metrics, nv_gpu_*, are
 reported, not required: a CPU has none); models, gateway and generate are the same calls on the
-given URLs; hpa checks that the series both HPA metrics are computed from are exported
-(Triton's diffusion queue and compute durations, the gateway's in-flight gauge).
+given URLs; hpa checks that the gateway and Triton export the series the HPA metrics are
+computed from (Triton's diffusion queue and compute durations, the gateway's in-flight gauge and
+the job queue's depth, which its store answers).
 Exit status: 0 when every check passed, 1 otherwise.
 """
 
@@ -48,8 +51,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = ROOT / "model_repository"
 TRITON_LABELS = "app.kubernetes.io/name=triton"
-# The HPAs of deploy/kubernetes/base and the Pods metric each must read.
-HPAS = ("imagegen-triton", "imagegen-gateway")
+# The HPAs of deploy/kubernetes/base, each of which must read its metric.
+HPAS = ("imagegen-triton", "imagegen-gateway", "imagegen-worker")
 # The gateway Service's probe port (base/gateway/service.yaml): /healthz, /readyz, /metrics.
 GATEWAY_PROBE_PORT = 8081
 # What the recording rules of deploy/prometheus/rules/autoscaling.yml read.
@@ -57,6 +60,8 @@ TRITON_SIGNAL = re.compile(
     r'^nv_inference_(queue|compute_infer)_duration_us\{[^}]*model="diffusion"', re.MULTILINE
 )
 GATEWAY_SIGNAL = re.compile(r"^gateway_generate_in_flight(\{[^}]*\})? ", re.MULTILINE)
+# The job queue's depth, which a gateway exports only when its store (Redis) answered the scrape.
+JOBS_SIGNAL = re.compile(r"^gateway_jobs_queued(\{[^}]*\})? ", re.MULTILINE)
 
 
 class CheckFailed(Exception):
@@ -216,17 +221,21 @@ def gpus_listed(nvidia_smi_l: str) -> list[str]:
     return [line for line in nvidia_smi_l.splitlines() if re.match(r"GPU \d+: ", line)]
 
 
-def pods_metric_values(hpa: dict[str, Any]) -> dict[str, str | None]:
-    """Each Pods metric of an HPA (`kubectl get hpa -o json`) and the value its status reads,
-    None while the HPA shows <unknown>."""
+def metric_values(hpa: dict[str, Any]) -> dict[str, str | None]:
+    """Each Pods or External metric of an HPA (`kubectl get hpa -o json`) and the value its
+    status reads, None while the HPA shows <unknown>."""
+    kinds = {"Pods": "pods", "External": "external"}
     wanted = [
-        m["pods"]["metric"]["name"] for m in hpa["spec"].get("metrics", []) if m["type"] == "Pods"
+        m[kinds[m["type"]]]["metric"]["name"]
+        for m in hpa["spec"].get("metrics", [])
+        if m["type"] in kinds
     ]
-    current = {
-        m["pods"]["metric"]["name"]: m["pods"]["current"].get("averageValue")
-        for m in hpa.get("status", {}).get("currentMetrics") or []
-        if m.get("type") == "Pods"
-    }
+    current = {}
+    for m in hpa.get("status", {}).get("currentMetrics") or []:
+        if m.get("type") in kinds:
+            status = m[kinds[m["type"]]]
+            value = status["current"].get("averageValue", status["current"].get("value"))
+            current[status["metric"]["name"]] = value
     return {name: current.get(name) for name in wanted}
 
 
@@ -263,7 +272,7 @@ def cluster_checks(args: argparse.Namespace) -> list[tuple[str, Callable[[], str
     def hpa() -> str:
         deadline = time.monotonic() + args.hpa_timeout
         while True:
-            values = {name: pods_metric_values(kubectl.json("get", "hpa", name)) for name in HPAS}
+            values = {name: metric_values(kubectl.json("get", "hpa", name)) for name in HPAS}
             missing = [
                 f"{h}/{m}" for h, found in values.items() for m, v in found.items() if v is None
             ]
@@ -309,11 +318,15 @@ def dry_checks(args: argparse.Namespace) -> list[tuple[str, Callable[[], str]]]:
     def hpa() -> str:
         if len(set(TRITON_SIGNAL.findall(metrics(args.triton_metrics)))) < 2:
             raise CheckFailed("Triton exports no diffusion queue and compute durations")
-        if not GATEWAY_SIGNAL.search(metrics(f"{probes}/metrics")):
+        gateway = metrics(f"{probes}/metrics")
+        if not GATEWAY_SIGNAL.search(gateway):
             raise CheckFailed("the gateway exports no gateway_generate_in_flight")
+        if not JOBS_SIGNAL.search(gateway):
+            raise CheckFailed("the gateway exports no gateway_jobs_queued (is its store up?)")
         return (
-            "dry run: no HPA; the series both Pods metrics are recorded from are exported "
-            "(Triton's diffusion queue/compute durations, gateway_generate_in_flight)"
+            "dry run: no HPA; the series the HPA metrics are recorded from are exported "
+            "(Triton's diffusion queue/compute durations, gateway_generate_in_flight, "
+            "gateway_jobs_queued)"
         )
 
     return [

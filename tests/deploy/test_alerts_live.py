@@ -1,5 +1,7 @@
-"""A real Prometheus with our config and rules scrapes a running gateway and the session's Triton;
-uploads are made to fail, and the upload-failure alert goes pending or firing.
+"""A real Prometheus with our config and rules scrapes a running gateway, a job worker
+(`python -m gateway.jobs.worker`) and the session's Triton; uploads are made to fail, and the
+upload-failure alert goes pending or firing. The job workers' scaling signal is computed from
+what the gateway and the worker really export.
 
 The test's copy of the config differs from deploy/prometheus only where it must: static loopback
 targets instead of DNS discovery, 1 s scrape and evaluation intervals, `for:` cut to 1 s. The
@@ -23,6 +25,7 @@ import yaml
 from werkzeug.serving import make_server
 
 from embedded.process import free_port
+from embedded.redis import JobWorker
 from gateway import Settings, create_app
 from tests.deploy.tools import require
 from tests.gateway.faults import FaultServer
@@ -63,12 +66,14 @@ def _until(what: str, check: Any, timeout: float, log: Path | None = None) -> An
 
 
 @pytest.fixture
-def gateway(triton: Any) -> Iterator[tuple[str, FaultServer]]:
-    """The gateway on a free port, uploading to a storage that answers 503 to every PUT."""
+def gateway(triton: Any, redis_url: str) -> Iterator[tuple[str, FaultServer]]:
+    """The gateway on a free port, uploading to a storage that answers 503 to every PUT; its
+    store is the session's Redis (its /metrics reads the job queue from it)."""
     storage = FaultServer(script=[503]).start()
     settings = Settings(
         triton_url=triton.grpc_url,
         triton_metrics_url=triton.metrics_url,
+        redis_url=redis_url,
         upload_allowed_hosts=(f"http://{storage.hostport}",),  # plain http is allowed per host
         upload_backoff=(0.05, 0.05, 0.05),
         upload_timeout_s=2.0,
@@ -83,7 +88,17 @@ def gateway(triton: Any) -> Iterator[tuple[str, FaultServer]]:
     storage.stop()
 
 
-def _test_config(tmp_path: Path, gateway: str, triton: str) -> Path:
+@pytest.fixture
+def worker(triton: Any, redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """A job worker on the session's Triton and Redis; its metrics address."""
+    port = free_port()
+    env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_TRITON_URL": triton.grpc_url,
+           "GATEWAY_TRITON_METRICS_URL": triton.metrics_url}
+    with JobWorker(env=env, metrics_port=port, log_path=tmp_path / "worker.log"):
+        yield f"127.0.0.1:{port}"
+
+
+def _test_config(tmp_path: Path, targets: dict[str, str]) -> Path:
     rules = []
     for path in sorted((PROMETHEUS_DIR / "rules").glob("*.yml")):
         document = yaml.safe_load(path.read_text())
@@ -97,7 +112,7 @@ def _test_config(tmp_path: Path, gateway: str, triton: str) -> Path:
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = rules
-    targets = {"gateway": gateway, "triton": triton}
+    assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
     for job in config["scrape_configs"]:
         del job["dns_sd_configs"]
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
@@ -107,10 +122,15 @@ def _test_config(tmp_path: Path, gateway: str, triton: str) -> Path:
 
 
 def test_failing_uploads_raise_the_upload_failure_alert(
-    triton: Any, gateway: tuple[str, FaultServer], tmp_path: Path
+    triton: Any, gateway: tuple[str, FaultServer], worker: str, tmp_path: Path
 ) -> None:
     gateway_address, storage = gateway
-    config = _test_config(tmp_path, gateway_address, f"{triton.host}:{triton.metrics_port}")
+    targets = {
+        "gateway": gateway_address,
+        "triton": f"{triton.host}:{triton.metrics_port}",
+        "worker": worker,
+    }
+    config = _test_config(tmp_path, targets)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api/v1"
     log = tmp_path / "prometheus.log"
@@ -128,9 +148,18 @@ def test_failing_uploads_raise_the_upload_failure_alert(
     try:
         def targets_up() -> bool:
             active = _get_json(f"{api}/targets")["data"]["activeTargets"]
-            return {t["labels"]["job"] for t in active if t["health"] == "up"} == {"gateway", "triton"}
+            return {t["labels"]["job"] for t in active if t["health"] == "up"} == set(targets)
 
-        _until("both targets (gateway, triton) up in Prometheus", targets_up, 60, log)
+        _until("every target (gateway, triton, worker) up in Prometheus", targets_up, 60, log)
+
+        def jobs_outstanding() -> list[Any]:
+            query = "imagegen:jobs_outstanding"
+            return list(_get_json(f"{api}/query?query={query}")["data"]["result"])
+
+        # The worker HPA's series, from the gateway's queue gauge (read from Redis) and the
+        # worker's running gauge: nothing queued, nothing running.
+        [outstanding] = _until("the jobs-outstanding rule evaluated", jobs_outstanding, 30, log)
+        assert float(outstanding["value"][1]) == 0
 
         def loaded_models() -> int:
             result = _get_json(f"{api}/query?query=count(imagegen_model_info)")["data"]["result"]

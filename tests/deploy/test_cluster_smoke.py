@@ -176,7 +176,7 @@ def test_it_reads_an_hpa_with_and_without_its_metric() -> None:
         # What `kubectl get hpa -o json` shows while the adapter serves nothing: <unknown>.
         "status": {"currentMetrics": [{"type": ""}, {"type": "Resource", "resource": {}}]},
     }
-    assert smoke.pods_metric_values(hpa) == {"gateway_generate_in_flight": None}
+    assert smoke.metric_values(hpa) == {"gateway_generate_in_flight": None}
     hpa["status"]["currentMetrics"][0] = {
         "type": "Pods",
         "pods": {
@@ -184,4 +184,26 @@ def test_it_reads_an_hpa_with_and_without_its_metric() -> None:
             "current": {"averageValue": "3500m"},
         },
     }
-    assert smoke.pods_metric_values(hpa) == {"gateway_generate_in_flight": "3500m"}
+    assert smoke.metric_values(hpa) == {"gateway_generate_in_flight": "3500m"}
+
+
+def test_it_reads_the_worker_hpa_s_external_metric() -> None:
+    smoke = _smoke_module()
+    assert "imagegen-worker" in smoke.HPAS
+    hpa = {
+        "spec": {
+            "metrics": [{"type": "External", "external": {"metric": {"name": "jobs_outstanding"}}}]
+        },
+        "status": {"currentMetrics": None},  # no value yet: <unknown>
+    }
+    assert smoke.metric_values(hpa) == {"jobs_outstanding": None}
+    hpa["status"]["currentMetrics"] = [
+        {
+            "type": "External",
+            "external": {
+                "metric": {"name": "jobs_outstanding"},
+                "current": {"averageValue": "12500m"},
+            },
+        }
+    ]
+    assert smoke.metric_values(hpa) == {"jobs_outstanding": "12500m"}

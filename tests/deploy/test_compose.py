@@ -62,7 +62,7 @@ def services() -> dict[str, Any]:
 
 
 def test_the_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"triton", "gateway", "front", "prometheus"}
+    assert set(services) == {"triton", "gateway", "front", "prometheus", "worker", "redis"}
 
 
 def test_triton_has_a_gpu_shared_memory_the_repository_and_the_weights(services: dict[str, Any]) -> None:
@@ -132,6 +132,11 @@ def test_prometheus_scrapes_the_ports_the_services_serve(services: dict[str, Any
     assert jobs["gateway"] == {"names": ["gateway"], "type": "A", "port": probe_port}
     assert jobs["triton"] == {"names": ["triton"], "type": "A", "port": 8002}
     assert "8002" in services["triton"]["expose"]
+    # The job workers' metrics listener, on the port their settings give it.
+    worker = Settings.from_env({k: str(v) for k, v in services["worker"]["environment"].items()})
+    assert jobs["worker"] == {"names": ["worker"], "type": "A", "port": worker.worker_metrics_port}
+    assert str(worker.worker_metrics_port) in services["worker"]["expose"]
+    assert set(jobs) == {"gateway", "triton", "worker"}
     # The image runs the Prometheus whose promtool checks the rules here.
     version = subprocess.run(
         [require("promtool"), "--version"], capture_output=True, text=True, check=True

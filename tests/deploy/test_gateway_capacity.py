@@ -7,14 +7,15 @@ Deployment's instance count and the diffusion model's config.pbtxt. docs/kuberne
   they are all taken (the target, plus the HPA's 10 % tolerance, under the slots).
 - To hold Triton at maxReplicas, each pod must see its target queue: one running pass of
   max_batch_size per instance plus `target` passes waiting (the ratio counts passes), past the
-  tolerance. The gateways at their maxReplicas must admit that much, or Triton's HPA stops
-  short while the gateways refuse.
-- The gateways at maxReplicas should not admit more than Triton at maxReplicas can hold
-  (running passes plus max_queue_size): past that, Triton's queue refuses what a gateway
-  admitted.
+  tolerance. The gateways at their maxReplicas must admit that much on their own, or Triton's
+  HPA stops short while the gateways refuse (the workers never refuse: their jobs wait).
+- Every caller at its maxReplicas, gateways and workers together, should not admit more than
+  Triton at maxReplicas can hold (running passes plus max_queue_size): past that, Triton's queue
+  refuses what a caller admitted.
 
-Every caller of Triton adds its slots: the jobs' workers, when they exist, join `callers()`
-with their concurrency x maxReplicas.
+Every caller of Triton adds its slots: the jobs' workers join `callers()` with their
+concurrency (GATEWAY_WORKER_THREADS generations each) x their HPA's maxReplicas, and their HPA
+must add a worker before the jobs outstanding outnumber a worker's threads.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def _pods_target(hpa: dict, metric: str) -> Fraction | None:
     return None
 
 
+def _external_target(hpa: dict, metric: str) -> Fraction | None:
+    for item in hpa["spec"]["metrics"]:
+        if item["type"] == "External" and item["external"]["metric"]["name"] == metric:
+            return quantity(item["external"]["target"]["averageValue"])
+    return None
+
+
 def _pbtxt(name: str, text: str) -> int:
     found = re.search(rf"^\s*{name}:\s*(\d+)", text, re.MULTILINE)
     if not found:
@@ -70,12 +78,17 @@ class Capacity:
     triton_ratio_target: Fraction
     max_batch_size: int
     max_queue_size: int
+    worker_threads: int
+    worker_target: Fraction | None
+    worker_max_replicas: int
 
     @classmethod
     def read(cls, rendered: kube.Rendered, repository: Path = DEFAULT_REPOSITORY) -> Capacity:
         settings = Settings.from_env(kube.gateway_environment(rendered))
         gateway_hpa = rendered.get("HorizontalPodAutoscaler", "imagegen-gateway")
         triton_hpa = rendered.get("HorizontalPodAutoscaler", "imagegen-triton")
+        # The workers share the gateway's ConfigMap: GATEWAY_WORKER_THREADS is read from it.
+        worker_hpa = rendered.get("HorizontalPodAutoscaler", "imagegen-worker")
         [triton] = rendered.get("Deployment", "imagegen-triton")["spec"]["template"]["spec"][
             "containers"
         ]
@@ -93,6 +106,9 @@ class Capacity:
             triton_ratio_target=_pods_target(triton_hpa, ratio_metric) or Fraction(0),
             max_batch_size=_pbtxt("max_batch_size", config),
             max_queue_size=_pbtxt("max_queue_size", config),
+            worker_threads=settings.worker_threads,
+            worker_target=_external_target(worker_hpa, "jobs_outstanding"),
+            worker_max_replicas=worker_hpa["spec"]["maxReplicas"],
         )
 
     @property
@@ -100,9 +116,12 @@ class Capacity:
         return self.gateway_workers * self.gateway_max_in_flight
 
     def callers(self) -> dict[str, int]:
-        """Generations each caller of Triton admits at its maxReplicas. The jobs' workers join
-        here, with their concurrency x maxReplicas, once they exist."""
-        return {"gateways": self.gateway_max_replicas * self.gateway_slots_per_pod}
+        """Generations each caller of Triton admits at its maxReplicas: the gateways' slots, and
+        the jobs' workers, each holding up to GATEWAY_WORKER_THREADS generations."""
+        return {
+            "gateways": self.gateway_max_replicas * self.gateway_slots_per_pod,
+            "workers": self.worker_max_replicas * self.worker_threads,
+        }
 
     def triton_needs(self) -> Fraction:
         """In flight to hold Triton at maxReplicas on its target: per instance one running pass
@@ -128,13 +147,30 @@ class Capacity:
                 f"the gateway HPA adds a pod at {float(self.gateway_target):g} in flight per pod "
                 f"(+10 %), not before its {self.gateway_slots_per_pod} slots are taken"
             )
-        admitted = sum(self.callers().values())
-        if admitted < self.triton_needs():
+        if self.worker_target is None:
+            problems.append("the worker HPA does not scale on jobs_outstanding")
+        elif self.worker_target > self.worker_threads:
             problems.append(
-                f"the callers admit {admitted} generations at their maxReplicas "
-                f"({self.callers()}); Triton at {self.triton_max_replicas} replicas needs "
-                f"{float(self.triton_needs()):g} in flight to reach its target"
+                f"the worker HPA adds a worker at {float(self.worker_target):g} jobs outstanding "
+                f"per worker, more than the {self.worker_threads} one worker runs at once"
             )
+        if self.worker_threads < self.max_batch_size:
+            problems.append(
+                f"a worker runs {self.worker_threads} jobs at once, fewer than the diffusion "
+                f"model's max_batch_size ({self.max_batch_size}): jobs of one shape cannot fill "
+                "a pass"
+            )
+        # The gateways alone: synchronous traffic must drive Triton to its maximum, or the
+        # gateways refuse (429) while Triton stops short. Workers never refuse; their jobs wait.
+        gateways = self.callers()["gateways"]
+        if gateways < self.triton_needs():
+            problems.append(
+                f"the gateways admit {gateways} generations at their maxReplicas; Triton at "
+                f"{self.triton_max_replicas} replicas needs {float(self.triton_needs()):g} in "
+                "flight to reach its target"
+            )
+        # Everyone at once: what they admit must fit in Triton's running passes and queue.
+        admitted = sum(self.callers().values())
         if admitted > self.triton_holds():
             problems.append(
                 f"the callers admit {admitted} generations; Triton at "
@@ -184,6 +220,30 @@ BROKEN = {
         "maxReplicas: 8",
         "maxReplicas: 12",
         "Triton at 12 replicas needs",
+    ),
+    "more workers, Triton left as it is": (
+        "base/worker/hpa.yaml",
+        "maxReplicas: 6",
+        "maxReplicas: 9",
+        "replicas holds",
+    ),
+    "a worker target past its threads": (
+        "base/worker/hpa.yaml",
+        'averageValue: "16"',
+        'averageValue: "24"',
+        "more than the 16 one worker runs at once",
+    ),
+    "the worker HPA on something else": (
+        "base/worker/hpa.yaml",
+        "name: jobs_outstanding",
+        "name: jobs_queued",
+        "does not scale on jobs_outstanding",
+    ),
+    "workers too narrow for a batch": (
+        "base/gateway/gateway.env",
+        "GATEWAY_WORKER_THREADS=16",
+        "GATEWAY_WORKER_THREADS=4",
+        "fewer than the diffusion model's max_batch_size (8)",
     ),
 }
 

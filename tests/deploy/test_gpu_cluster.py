@@ -188,7 +188,9 @@ def test_triton_is_guaranteed_its_memory_and_outranks_batch_work(
     assert resources["requests"] == resources["limits"]  # Guaranteed QoS
     assert {"cpu", "memory"} <= set(resources["limits"])
     classes = {p["metadata"]["name"]: p for p in rendered[shape].objects("PriorityClass")}
-    for deployment in rendered[shape].objects("Deployment"):
+    workloads = [*rendered[shape].objects("Deployment"), *rendered[shape].objects("StatefulSet")]
+    assert {w["metadata"]["name"] for w in workloads} >= {"imagegen-redis", "imagegen-worker"}
+    for deployment in workloads:
         name = _pod_spec(deployment).get("priorityClassName")
         assert name in classes, deployment["metadata"]["name"]
         # Above the default 0, below the system classes (2000000000 and up), never the default.

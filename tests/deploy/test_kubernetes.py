@@ -42,12 +42,13 @@ def test_each_shape_deploys_the_whole_service(
     docs = rendered[name].docs
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
     config_maps = [k for k in kinds if k.startswith("ConfigMap/")]
-    # The gateway's settings, its front door's, and the front door's nginx files; hashed: each
-    # rolls the gateways when it changes.
+    # The gateway's settings (the workers' too), its front door's, the front door's nginx
+    # files, Redis's configuration; hashed: each rolls its pods when it changes.
     assert [re.sub(r"-[a-z0-9]{10}$", "", k) for k in config_maps] == [
         "ConfigMap/imagegen-front-door",
         "ConfigMap/imagegen-front-door-nginx",
         "ConfigMap/imagegen-gateway",
+        "ConfigMap/imagegen-redis",
     ], config_maps
     assert kinds == sorted(
         [
@@ -55,19 +56,30 @@ def test_each_shape_deploys_the_whole_service(
             *config_maps,
             "Deployment/imagegen-gateway",
             "Deployment/imagegen-triton",
+            "Deployment/imagegen-worker",
             "HorizontalPodAutoscaler/imagegen-gateway",
             "HorizontalPodAutoscaler/imagegen-triton",
+            "HorizontalPodAutoscaler/imagegen-worker",
             "NetworkPolicy/default-deny",
             "NetworkPolicy/imagegen-gateway",
+            "NetworkPolicy/imagegen-redis",
             "NetworkPolicy/imagegen-triton",
+            "NetworkPolicy/imagegen-triton-from-worker",
+            "NetworkPolicy/imagegen-worker",
             "PersistentVolumeClaim/imagegen-weights",
             "PodDisruptionBudget/imagegen-gateway",
             "PodDisruptionBudget/imagegen-triton",
+            "PodDisruptionBudget/imagegen-worker",
             "PriorityClass/imagegen-serving",
             "Service/imagegen-gateway",
+            "Service/imagegen-redis",
             "Service/imagegen-triton",
+            "Service/imagegen-worker",
             "ServiceAccount/imagegen-gateway",
+            "ServiceAccount/imagegen-redis",
             "ServiceAccount/imagegen-triton",
+            "ServiceAccount/imagegen-worker",
+            "StatefulSet/imagegen-redis",
         ]
     )
     for doc in docs:
@@ -76,6 +88,11 @@ def test_each_shape_deploys_the_whole_service(
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "imagegen"
     for deployment in rendered[name].objects("Deployment"):
         assert "replicas" not in deployment["spec"]  # the HPA owns the count
+    # Every Deployment has an HPA of its own; Redis is one replica, on purpose.
+    hpas = rendered[name].objects("HorizontalPodAutoscaler")
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in hpas}
+    assert scaled == {d["metadata"]["name"] for d in rendered[name].objects("Deployment")}
+    assert rendered[name].get("StatefulSet", "imagegen-redis")["spec"]["replicas"] == 1
 
 
 @pytest.mark.parametrize("version", kube.KUBERNETES_VERSIONS)
@@ -276,7 +293,7 @@ def test_the_kubernetes_scrape_config(tmp_path: Path) -> None:
     each kubernetes_sd_configs swapped for a file_sd_configs; the discovery blocks themselves are
     checked against the documented fields, and the live scaling test runs the relabelling."""
     config = yaml.safe_load((kube.PROMETHEUS_DIR / "kubernetes.yml").read_text())
-    assert {job["job_name"] for job in config["scrape_configs"]} == {"gateway", "triton"}
+    assert {job["job_name"] for job in config["scrape_configs"]} == {"gateway", "triton", "worker"}
     for job in config["scrape_configs"]:
         [sd] = job.pop("kubernetes_sd_configs")
         assert set(sd) <= SD_FIELDS and sd["role"] == "endpointslice" and sd["role"] in ROLES

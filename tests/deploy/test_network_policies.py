@@ -138,8 +138,8 @@ def admitted(
 # --- the pods and peers of this service ---------------------------------------------------------
 
 
-def _pod(rendered: kube.Rendered, deployment: str) -> Peer:
-    template = rendered.get("Deployment", deployment)["spec"]["template"]
+def _pod(rendered: kube.Rendered, deployment: str, kind: str = "Deployment") -> Peer:
+    template = rendered.get(kind, deployment)["spec"]["template"]
     return Peer(
         namespace=NAMESPACE,
         labels=template["metadata"]["labels"],
@@ -226,6 +226,48 @@ def test_the_service_paths_are_open(rendered: kube.Rendered) -> None:
     # Nothing else in the namespace reaches Triton.
     stranger = Peer(NAMESPACE, {"app.kubernetes.io/name": "debug"})
     assert not admitted(policies, stranger, triton, triton.ports["grpc"])
+
+
+def test_the_job_paths_are_open_and_nothing_else(rendered: kube.Rendered) -> None:
+    policies = _policies(rendered)
+    gateway, triton = _pod(rendered, "imagegen-gateway"), _pod(rendered, "imagegen-triton")
+    worker = _pod(rendered, "imagegen-worker")
+    redis = _pod(rendered, "imagegen-redis", "StatefulSet")
+    stranger = Peer(NAMESPACE, {"app.kubernetes.io/name": "debug"})
+    # The worker: Triton's gRPC, Redis, DNS wherever the cluster answers it, HTTPS out
+    # (storage, webhook receivers, NVIDIA's API).
+    assert admitted(policies, worker, triton, triton.ports["grpc"])
+    assert admitted(policies, worker, redis, redis.ports["redis"])
+    assert admitted(policies, worker, STORAGE, 443)
+    for resolver in (KUBE_DNS, COREDNS_CHART, NODE_LOCAL_DNS, METADATA_SERVER):
+        for protocol in ("UDP", "TCP"):
+            assert admitted(policies, worker, resolver, 53, protocol)
+    # ...and nothing else: not the metadata server's credentials, not a webhook on plain http,
+    # not Triton's metrics, not the gateways.
+    for destination, port in (
+        (METADATA_SERVER, 80),
+        (METADATA_SERVER, 443),
+        (Peer(ip="fe80::1"), 443),
+        (STORAGE, 80),
+        (Peer(ip="8.8.8.8"), 53),
+        (triton, triton.ports["metrics"]),
+        (gateway, gateway.ports["http"]),
+    ):
+        assert not admitted(policies, worker, destination, port), destination
+    # Triton's gRPC: the gateways and the workers, no one else; its metrics are not the workers'.
+    assert admitted(policies, gateway, triton, triton.ports["grpc"])
+    assert not admitted(policies, stranger, triton, triton.ports["grpc"])
+    # Redis: the gateways and the workers on its port; not Prometheus, not a stranger, not
+    # Triton. Redis itself reaches nothing, DNS included.
+    assert admitted(policies, gateway, redis, redis.ports["redis"])
+    for source in (PROMETHEUS, stranger, triton):
+        assert not admitted(policies, source, redis, redis.ports["redis"]), source
+    for destination, port in ((KUBE_DNS, 53), (STORAGE, 443), (triton, triton.ports["grpc"])):
+        assert not admitted(policies, redis, destination, port)
+    # The worker's metrics: Prometheus only.
+    assert admitted(policies, PROMETHEUS, worker, worker.ports["metrics"])
+    for source in (stranger, gateway):
+        assert not admitted(policies, source, worker, worker.ports["metrics"])
 
 
 def test_the_evaluator_refuses_what_the_old_dns_rule_refused(rendered: kube.Rendered) -> None:

@@ -11,14 +11,15 @@ from typing import Any
 
 import yaml
 
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, QueueReading
 from tests.deploy.tools import require
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
-# Every metric of ours starts with one of these; `up` is Prometheus's own.
-OUR_METRIC = re.compile(r"\b(?:gateway|nv|imagegen)_[a-z0-9_]+\b")
+# Every metric of ours starts with one of these (`worker_`: the job workers'); `up` is
+# Prometheus's own.
+OUR_METRIC = re.compile(r"\b(?:gateway|nv|imagegen|worker)_[a-z0-9_]+\b")
 
 
 def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -97,14 +98,18 @@ def _names(text: str) -> set[str]:
 
 
 def test_rules_and_their_tests_use_only_metrics_that_exist(triton: Any) -> None:
-    exported = _names(Metrics().render().decode())
+    # The gateway's and the job worker's registry, with the queue's gauges a gateway adds when
+    # its store answers a scrape.
+    exported = _names(Metrics().render(QueueReading(queued=0, oldest_age_s=0.0)).decode())
     with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
         exported |= _names(resp.read().decode())
     used = set()
     for rule in rules():
         used |= set(OUR_METRIC.findall(rule["expr"]))
     assert {"gateway_uploads_total", "nv_inference_queue_duration_us", "imagegen_model_info",
-            "nv_inference_compute_infer_duration_us"} <= used
+            "nv_inference_compute_infer_duration_us", "gateway_jobs_queued",
+            "gateway_jobs_oldest_queued_age_seconds", "gateway_store_errors_total",
+            "worker_webhook_deliveries_total", "worker_jobs_running"} <= used
     for path in RULE_TESTS:
         for case in yaml.safe_load(path.read_text())["tests"]:
             for series in case.get("input_series", []):

@@ -58,11 +58,12 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> kube.Rendered:
     return render_with("overlays/gpu", [COMPONENT], tmp_path_factory.mktemp("operator"))
 
 
-def test_the_component_adds_two_pod_monitors_and_the_rules(rendered: kube.Rendered) -> None:
+def test_the_component_adds_three_pod_monitors_and_the_rules(rendered: kube.Rendered) -> None:
     added = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in rendered.docs if _custom(d))
     assert added == [
         "PodMonitor/imagegen-gateway",
         "PodMonitor/imagegen-triton",
+        "PodMonitor/imagegen-worker",
         "PrometheusRule/imagegen",
     ]
     for doc in filter(_custom, rendered.docs):
@@ -201,7 +202,7 @@ def test_the_pod_monitors_scrape_what_the_raw_jobs_scrape(rendered: kube.Rendere
         assert endpoint.get("path", "/metrics") == job.get("metrics_path", "/metrics")
         assert _relabelled(endpoint) == {"job": job["job_name"], "ready_only": True}
         jobs.add(job["job_name"])
-    assert len(monitors) == len(jobs) == 2
+    assert len(monitors) == len(jobs) == 3
 
 
 def test_the_rules_select_the_job_names_the_monitors_give() -> None:
