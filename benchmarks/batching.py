@@ -149,7 +149,9 @@ def repository(target: Path, pipelines: dict[str, Path]) -> Path:
             config.parameters["model"].string_value = str(folder)
             # Eight queued SD-shaped requests can outwait the served 60 s on two busy cores; an
             # expired request would end the measurement, not measure anything.
-            config.dynamic_batching.default_queue_policy.default_timeout_microseconds = 600_000_000
+            batcher = config.dynamic_batching
+            for policy in (batcher.default_queue_policy, *batcher.priority_queue_policy.values()):
+                policy.default_timeout_microseconds = 600_000_000
             if not batching:
                 config.max_batch_size = 1
                 config.dynamic_batching.ClearField("max_queue_delay_microseconds")

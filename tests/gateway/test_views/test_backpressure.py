@@ -1,18 +1,18 @@
 """Triton's queue policy on the diffusion model, seen through the gateway: while a held
-generation occupies the model, requests past the bounded queue are 429 at once and queued ones
-that wait past their queue timeout are 503, all JSON with Retry-After."""
+generation occupies the model, requests past the bounded queue of their level (INTERACTIVE, a
+synchronous /generate's) are 429 at once and queued ones that wait past their queue timeout are
+503, all JSON with Retry-After."""
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import tritonclient.grpc as grpcclient
 from flask import Flask
 
 from gateway import Settings
+from gateway.triton.contract import Priority
 from tests.models.helpers import (
     DIFFUSION,
     diffusion_held,
@@ -22,24 +22,18 @@ from tests.models.helpers import (
     tensors,
     wait_until,
 )
+from tests.models.priorities import queue_policy
 
-DIFFUSION_CONFIG = Path(__file__).resolve().parents[3] / "model_repository" / "diffusion" / "config.pbtxt"
 TINY = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 1, "upscale": False,
         "enable_nsfw_check": False, "response_format": "b64_json"}
 # Longer than the test: the direct requests that fill the queue never expire in it.
 FILL_QUEUE_TIMEOUT_US = 600_000_000
 
 
-def max_queue_size() -> int:
-    match = re.search(r"max_queue_size:\s*(\d+)", DIFFUSION_CONFIG.read_text())
-    assert match, "the diffusion model has no queue policy"
-    return int(match.group(1))
-
-
 def test_a_full_queue_is_429_and_an_expired_wait_is_503(
     make_app: Any, triton_settings: Settings, triton: Any
 ) -> None:
-    queue, past = max_queue_size(), 6
+    queue, past = queue_policy(Priority.INTERACTIVE).max_queue_size, 6
     app: Flask = make_app(
         triton_settings.replace(triton_queue_timeout_s=1.0, max_in_flight=queue, retry_after_s=2)
     )
@@ -49,13 +43,15 @@ def test_a_full_queue_is_429_and_an_expired_wait_is_503(
             response = client.post("/generate", json=TINY)
             return response.status_code, response.json, response.headers.get("Retry-After")
 
-    # A queue filled to its bound by direct requests that cannot expire: every request past it
-    # is refused at once. The filling requests are cancelled, and leave with the hold.
+    # The /generate level's queue filled to its bound by direct requests that cannot expire:
+    # every request past it is refused at once. The filling requests are cancelled, and leave
+    # with the hold.
     with diffusion_held(triton), grpcclient.InferenceServerClient(triton.grpc_url) as direct:
         fill = [
             direct.async_infer(
                 DIFFUSION, tensors(**generation(steps=1, seed=i, scale=None)),
                 callback=lambda result, error: None, timeout=FILL_QUEUE_TIMEOUT_US,
+                priority=int(Priority.INTERACTIVE),
             )
             for i in range(queue)
         ]
