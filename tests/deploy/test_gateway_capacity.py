@@ -11,7 +11,9 @@ Deployment's instance count and the diffusion model's config.pbtxt. docs/kuberne
   HPA stops short while the gateways refuse (the workers never refuse: their jobs wait).
 - Every caller at its maxReplicas, gateways and workers together, should not admit more than
   Triton at maxReplicas can hold (running passes plus max_queue_size): past that, Triton's queue
-  refuses what a caller admitted.
+  refuses what a caller admitted. The queue is the interactive level's, where the gateways'
+  calls wait; the workers' batch level has a queue of its own, so counting them against it too
+  errs on the safe side.
 
 Every caller of Triton adds its slots: the jobs' workers join `callers()` with their
 concurrency (GATEWAY_WORKER_THREADS generations each) x their HPA's maxReplicas, and their HPA
@@ -28,9 +30,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from embedded.triton import DEFAULT_REPOSITORY
 from gateway.settings import Settings
+from gateway.triton.contract import Priority
 from harness import kube
 
 # The HPA controller's default --horizontal-pod-autoscaler-tolerance: no change within 10 %.
@@ -64,6 +69,14 @@ def _pbtxt(name: str, text: str) -> int:
     if not found:
         raise ValueError(f"{name} not in config.pbtxt")
     return int(found.group(1))
+
+
+def _queue_size(level: Priority, text: str) -> int:
+    """The max_queue_size of one priority level's queue policy."""
+    batcher = text_format.Parse(text, model_config_pb2.ModelConfig()).dynamic_batching
+    if level not in batcher.priority_queue_policy:
+        raise ValueError(f"config.pbtxt has no queue policy for priority level {level}")
+    return int(batcher.priority_queue_policy[level].max_queue_size)
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,7 @@ class Capacity:
             triton_instances=int(env["TRITON_INSTANCES_DIFFUSION"]),
             triton_ratio_target=_pods_target(triton_hpa, ratio_metric) or Fraction(0),
             max_batch_size=_pbtxt("max_batch_size", config),
-            max_queue_size=_pbtxt("max_queue_size", config),
+            max_queue_size=_queue_size(Priority.INTERACTIVE, config),
             worker_threads=settings.worker_threads,
             worker_target=_external_target(worker_hpa, "jobs_outstanding"),
             worker_max_replicas=worker_hpa["spec"]["maxReplicas"],
