@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import batching, jobs, nsfw, service
+from benchmarks import batching, jobs, nsfw, priority, service
 from benchmarks.report import print_summary
 
 
@@ -19,10 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     figures.update(service.run(*((2, 2.0) if args.smoke else (service.RUNS, 20.0)), args.smoke))
     figures.update(batching.run(args.smoke))
     figures.update(jobs.run(*((2.0, 3) if args.smoke else (jobs.SECONDS, jobs.PAIRS)), args.smoke))
+    figures.update(priority.run(args.smoke))
     print()
     order = ["nsfw_speedup_vs_pipeline", "nsfw_p50_ms", "added_p50_ms_512x1024",
              "added_p50_ms_1024x2048", "gateway_overhead_p50_ms", "concurrency_ratio",
              "nsfw_floor_ratio", "batch_throughput_ratio_demo", "batch_throughput_ratio_sd",
+             "priority_interactive_ratio", "priority_off_interactive_ratio",
              "jobs_submit_per_s", "jobs_overhead_p50_ms", "jobs_throughput_ratio"]
     print_summary({name: figures[name] for name in order})
     return 0
