@@ -36,19 +36,33 @@ log = logging.getLogger(__name__)
 PREFIX = "imagegen:"
 QUEUED = PREFIX + "jobs:queued"
 CANCEL_CHANNEL = PREFIX + "job-cancel"
+# A new job's record expires unless it is confirmed (its message queued) within this time. A
+# create that Redis applies after the gateway gave up on it (its reply came later than
+# GATEWAY_REDIS_TIMEOUT_S: the client got a 503 and no message was queued) would otherwise leave
+# a job no worker ever runs, queued for ever in the depth and age the autoscaler and alerts read.
+UNCONFIRMED_S = 60
 
 
 class StoreUnavailable(Unavailable):
     """Redis did not answer within GATEWAY_REDIS_TIMEOUT_S, or refused the connection."""
 
 
-def connect(url: str, timeout_s: float, *, max_connections: int | None = None) -> redis.Redis:
+def connect(
+    url: str,
+    timeout_s: float,
+    *,
+    max_connections: int | None = None,
+    wait_for_replies: bool = False,
+) -> redis.Redis:
     """A client whose every call ends within `timeout_s` (one try: redis-py retries three times
-    by default, which would triple the bound)."""
+    by default, which would triple the bound). With `wait_for_replies`, only connecting is
+    bounded: a command waits for its reply however long Redis takes (a job worker's consumers,
+    gateway.jobs.worker), and TCP keepalive notices a peer that is gone."""
     return redis.Redis.from_url(
         url,
-        socket_timeout=timeout_s,
+        socket_timeout=None if wait_for_replies else timeout_s,
         socket_connect_timeout=timeout_s,
+        socket_keepalive=wait_for_replies,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
         max_connections=max_connections,
@@ -112,10 +126,16 @@ class JobStore:
 
     def queue_depth(self) -> tuple[int, float | None]:
         """(jobs queued, age in seconds of the oldest one or None)."""
-        with bounded(self.retry_after_s, "queue depth", self.failed), self.client.pipeline(transaction=False) as pipe:
-            pipe.zcard(QUEUED)
-            pipe.zrange(QUEUED, 0, 0, withscores=True)
-            count, oldest = pipe.execute()
+        with bounded(self.retry_after_s, "queue depth", self.failed):
+            while True:
+                with self.client.pipeline(transaction=False) as pipe:
+                    pipe.zcard(QUEUED)
+                    pipe.zrange(QUEUED, 0, 0, withscores=True)
+                    count, oldest = pipe.execute()
+                if not oldest or self.client.exists(_job_key(oldest[0][0].decode())):
+                    break
+                # Its record expired unconfirmed (UNCONFIRMED_S): no job waits there.
+                self.client.zrem(QUEUED, oldest[0][0])
         age = max(0.0, time.time() - oldest[0][1]) if oldest else None
         return int(count), age
 
@@ -127,13 +147,20 @@ class JobStore:
 
     # -- writes --------------------------------------------------------------------------
 
-    def create(self, record: JobRecord) -> None:
+    def create(self, record: JobRecord, *, unconfirmed_s: int | None = None) -> None:
+        """Store a queued job; with `unconfirmed_s`, its record expires unless `confirm`ed."""
         with bounded(self.retry_after_s, "create", self.failed), self.client.pipeline(transaction=True) as pipe:
-            pipe.set(_job_key(record.id), json.dumps(record.to_store()), nx=True)
+            pipe.set(_job_key(record.id), json.dumps(record.to_store()), nx=True, ex=unconfirmed_s)
             pipe.zadd(QUEUED, {record.id: record.created_at})
             created, _ = pipe.execute()
         if not created:  # 192 random bits: never, but never silently either
             raise RuntimeError(f"job id collision: {record.id}")
+
+    def confirm(self, job_id: str) -> None:
+        """Its message is queued: the record of a job created with `unconfirmed_s` no longer
+        expires until the job ends (starting it has the same effect)."""
+        with bounded(self.retry_after_s, "confirm", self.failed):
+            self.client.persist(_job_key(job_id))
 
     def forget(self, job_id: str) -> None:
         """Undo `create` when the job could not be queued."""
