@@ -21,7 +21,9 @@ import dramatiq
 from prometheus_client import start_http_server
 
 from gateway.jobs.delivery import WebhookDeliverer
+from gateway.jobs.queue import JobQueue
 from gateway.jobs.runner import CancelWatcher, JobRunner
+from gateway.jobs.store import connect
 from gateway.logs import logging_config
 from gateway.metrics import Metrics
 from gateway.services import Services
@@ -42,10 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     metrics = Metrics()
     services = Services.build(settings, metrics)
     store = services.require_store()
+    # Unlike the gateways' broker client, the consumers' waits for Redis's replies: a fetch it
+    # gave up on (Redis slow or frozen past GATEWAY_REDIS_TIMEOUT_S) is still carried out once
+    # Redis goes on, and the messages it took would sit with this live worker, never run.
+    queue = JobQueue(
+        connect(settings.redis_url, settings.redis_timeout_s, wait_for_replies=True),
+        requeue_s=settings.worker_requeue_s,
+        retry_after_s=settings.retry_after_s,
+        failed=metrics.store_failed,
+    )
     watcher = CancelWatcher(store.jobs).start()
-    runner = JobRunner(services, store.jobs, store.queue, watcher)
-    store.queue.handlers.run_job = runner.run
-    store.queue.handlers.deliver_webhook = WebhookDeliverer(services, store.jobs, store.queue).deliver
+    runner = JobRunner(services, store.jobs, queue, watcher)
+    queue.handlers.run_job = runner.run
+    queue.handlers.deliver_webhook = WebhookDeliverer(services, store.jobs, queue).deliver
 
     if settings.worker_metrics_port is not None:
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
@@ -59,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    worker = dramatiq.Worker(store.queue.broker, worker_threads=settings.worker_threads)
+    worker = dramatiq.Worker(queue.broker, worker_threads=settings.worker_threads)
     # Fetch no more than it can run: a job waiting in one worker's memory is a job another
     # worker could be running, and a SIGKILL would delay it by GATEWAY_WORKER_REQUEUE_S.
     worker.queue_prefetch = settings.worker_threads
     heartbeat = threading.Thread(
-        target=store.queue.heartbeat,
+        target=queue.heartbeat,
         args=(stopping, settings.worker_requeue_s / 4),
         name="heartbeat",
         daemon=True,
