@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install models tools front-door test triton serve demo bench lint docs clean
+.PHONY: install models tools front-door peers test triton serve demo bench lint docs clean
 
 install: $(STAMP)
 
@@ -50,8 +50,13 @@ serve: models front-door
 demo: $(STAMP)
 	$(BIN)/python -m embedded.demo
 
+# LitServe, Ray Serve and BentoML for benchmarks/peers, in a virtualenv of their own
+# (.venv/peers, reusing .venv's torch; about a minute the first time): never the service's.
+peers: $(STAMP)
+	$(BIN)/python -m benchmarks.peers.env
+
 # Benchmarks (not in `make test`; a smoke run of each is): ends with the summary lines.
-bench: models front-door
+bench: models front-door peers
 	$(BIN)/python -m benchmarks
 
 lint: $(STAMP)
