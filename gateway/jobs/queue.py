@@ -90,9 +90,9 @@ class JobQueue:
             actor_name="deliver_webhook", queue_name=WEBHOOKS, broker=self.broker,
         )
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, delay_s: float = 0.0) -> None:
         with bounded(self.retry_after_s, "enqueue", self.failed):
-            self.run_job.send(job_id)
+            self.run_job.send_with_options(args=(job_id,), delay=int(delay_s * 1000) or None)
 
     def enqueue_delivery(self, job_id: str, attempt: int, delay_s: float) -> None:
         with bounded(self.retry_after_s, "enqueue delivery", self.failed):

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from gateway.errors import Canceled, GatewayError, UploadFailed
+from gateway.errors import Canceled, GatewayError, Overloaded, Unavailable, UploadFailed
 from gateway.generate import check_inputs, generate
 from gateway.jobs.job import JobStatus
 from gateway.jobs.queue import JobQueue
@@ -130,6 +130,15 @@ class JobRunner:
             if record.cancel_requested:  # canceled between the start and the watch
                 cancel.set()
             status, data, error = self._generate(record.request, cancel)
+        except _NoRoom as busy:
+            # Triton was full or away and made nothing: the job waits its turn again rather than
+            # fail, as long as it is younger than its deadline.
+            if time.time() - record.created_at + busy.delay_s < settings.job_deadline_s:
+                if _store_retry(self.store.requeue)(job_id) is not None:
+                    _store_retry(self.queue.enqueue)(job_id, busy.delay_s)
+                    log.info("job %s queued again in %gs: %s", job_id, busy.delay_s, busy.reason)
+                return
+            status, data, error = JobStatus.FAILED, busy.error.data, _error(busy.error)
         finally:
             self.watcher.forget(job_id)
             metrics.job_ended()
@@ -156,6 +165,8 @@ class JobRunner:
             )
         except Canceled as exc:
             return JobStatus.CANCELED, None, _error(exc)
+        except (Overloaded, Unavailable) as exc:  # queue full, queue timeout, Triton away
+            raise _NoRoom(exc, svc.settings.retry_after_s) from None
         except GatewayError as exc:
             return JobStatus.FAILED, exc.data, _error(exc)
         except Exception:  # a bug: the job fails with the same 500 body /generate would send
@@ -165,6 +176,16 @@ class JobRunner:
         if result.upload is not None and not result.upload.ok:
             return JobStatus.FAILED, data, _error(UploadFailed(result.upload.describe()))
         return JobStatus.SUCCEEDED, data, None
+
+
+class _NoRoom(Exception):
+    """Triton refused the generation before making anything (429/503): worth another try."""
+
+    def __init__(self, error: GatewayError, delay_s: float) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = error.message
+        self.delay_s = float(error.retry_after or delay_s or 1)
 
 
 def _error(exc: GatewayError) -> dict[str, Any]:

@@ -182,6 +182,21 @@ class JobStore:
 
         return self._update(job_id, change, dequeued=True)
 
+    def requeue(self, job_id: str) -> JobRecord | None:
+        """running -> queued again (Triton had no room for it; it is sent again later); None
+        when it is no longer running (canceled meanwhile, or finished by another run)."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.status is not JobStatus.RUNNING or record.cancel_requested:
+                return None
+            return record.with_(status=JobStatus.QUEUED, started_at=None)
+
+        requeued = self._update(job_id, change, dequeued=False)
+        if requeued is not None:
+            with bounded(self.retry_after_s, "requeue", self.failed):
+                self.client.zadd(QUEUED, {job_id: requeued.created_at})
+        return requeued
+
     def finish(
         self,
         job_id: str,

@@ -281,10 +281,16 @@ class TritonGateway:
         cached = self._steps.get(ensemble)
         if cached is not None:
             return cached
-        with self._leased() as client:
-            config = client.get_model_config(
-                ensemble, as_json=True, client_timeout=self.probe_timeout_s
-            )["config"]
+        try:
+            with self._leased() as client:
+                config = client.get_model_config(
+                    ensemble, as_json=True, client_timeout=self.probe_timeout_s
+                )["config"]
+        except InferenceServerException as exc:
+            raise Unavailable(
+                f"Triton cannot say what {ensemble} runs: {exc.status() or exc.message()}",
+                retry_after=self.retry_after_s,
+            ) from None
         diffusion, upscaler = contract.generation_model(config), contract.upscaler_model(config)
         if diffusion is None or upscaler is None:
             raise UpstreamError(f"{ensemble} has no diffusion or no upscaler step")

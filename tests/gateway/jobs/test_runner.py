@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from embedded.s3 import LocalS3
 from embedded.triton import TritonServer
 from gateway import Settings
-from gateway.jobs.queue import WEBHOOKS
+from gateway.jobs.queue import JOBS, WEBHOOKS
 from gateway.jobs.runner import CancelWatcher
 from tests.gateway.faults import FaultServer
 from tests.gateway.jobs.helpers import (
@@ -23,6 +23,7 @@ from tests.gateway.jobs.helpers import (
     TritonCounters,
     body,
     job_of,
+    queued_ids,
     runner,
     store,
 )
@@ -152,3 +153,37 @@ def test_a_finished_job_with_a_webhook_has_its_delivery_queued(
     runner(app).run(with_hook)
     assert job_of(client, with_hook)["status"] == "succeeded"
     assert broker.do_qsize(WEBHOOKS) == 1  # attempt 1, at once
+
+
+def test_a_job_triton_has_no_room_for_waits_its_turn_again_until_its_deadline(
+    make_app: Callable[[Settings], Flask],
+    triton_settings: Settings,
+    redis_url: str,
+    closed_port: int,
+    s3: LocalS3,
+) -> None:
+    # Triton away (a closed port): nothing is made, the job goes back to the queue, delayed.
+    away = triton_settings.replace(
+        redis_url=redis_url, triton_url=f"127.0.0.1:{closed_port}", retry_after_s=1
+    )
+    app = make_app(away)
+    client = app.test_client()
+    job_id = client.post("/jobs", json=body(s3.presign_put("runner/no-room/1.png"))).json["id"]
+    broker = store(app).queue.broker
+    delayed = int(broker.do_qsize(f"{JOBS}.DQ"))
+    runner(app).run(job_id)
+    job = job_of(client, job_id)
+    assert job["status"] == "queued" and job["started_at"] is None, job
+    assert job_id in queued_ids(app)
+    assert int(broker.do_qsize(f"{JOBS}.DQ")) == delayed + 1  # sent again, in retry_after_s
+
+    # Once another try could not end before the job's deadline, it fails with /generate's answer.
+    late = make_app(away.replace(job_deadline_s=1.0))
+    late_client = late.test_client()
+    runner(late).run(job_id)
+    failed = job_of(late_client, job_id)
+    generated = late_client.post("/generate", json=body(s3.presign_put("runner/no-room/2.png")))
+    assert failed["status"] == "failed", failed
+    assert generated.status_code == 503
+    assert failed["error"]["code"] == generated.json["error"]["code"] == "unavailable"
+    assert job_id not in queued_ids(app)
