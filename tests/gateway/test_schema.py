@@ -14,13 +14,22 @@ from flask.testing import FlaskClient
 
 from gateway.errors import ErrorBody, ErrorDetail
 from gateway.generate import B64Data, S3Data
+from gateway.jobs.job import JobObject, JobUrls
 from gateway.limits import GenerationLimits
 from gateway.moderate import ModerateData
 from gateway.nvidia.deepfake import DeepfakeStatus
-from gateway.readiness import ModelState, Readiness, ReadinessStatus, ReplicaReadiness, TritonState
+from gateway.readiness import (
+    ModelState,
+    Readiness,
+    ReadinessStatus,
+    ReplicaReadiness,
+    StoreStatus,
+    TritonState,
+)
 from gateway.schema import described, schemas, to_json
 from gateway.settings import Settings
 from gateway.triton.contract import NsfwStatus
+from gateway.vocabulary import JobStatus
 
 HASH = "d41d8cd98f00b204e9800998ecf8427e"
 SCORES = {"nsfw_score": 0.1, "image_hash": HASH, "nsfw": False, "nsfw_status": NsfwStatus.OK,
@@ -36,7 +45,13 @@ FULL = [
               TritonState("127.0.0.1:8001", True, True,
                           [ReplicaReadiness("127.0.0.1:8001", True, False, False, "a problem")]),
               {"txt2img": ModelState(True)}, {"diffusion": {"kind": "X", "demo": "true"}}, True,
-              GenerationLimits.from_settings(Settings()), ["a problem"]),
+              GenerationLimits.from_settings(Settings()), ["a problem"], StoreStatus.UP),
+    # A job that failed its upload: both data and error are set.
+    JobObject("job_" + "A" * 32, JobStatus.FAILED, "2026-12-02T10:00:00.000Z",
+              "2026-12-02T10:00:01.000Z", "2026-12-02T10:00:09.000Z",
+              to_json(S3Data(s3_url="u", s3_upload_status=500, **SCORES)),
+              to_json(ErrorDetail("upload_failed", "upload failed", None)),
+              JobUrls("/jobs/job_x", "/jobs/job_x/cancel")),
 ]
 
 
