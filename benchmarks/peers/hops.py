@@ -157,6 +157,17 @@ def hops(before: Snapshot, after: Snapshot, walls: list[float]) -> list[tuple[st
     ]
 
 
+def batch_sizes(after: dict[str, Any], before: dict[str, Any]) -> dict[int, int]:
+    """Executions of the model by batch size between two statistics."""
+    def counts(stats: dict[str, Any]) -> dict[int, int]:
+        return {int(b["batch_size"]): int(b["compute_infer"]["count"])
+                for b in stats.get("batch_stats", [])}
+
+    old = counts(before)
+    return {size: n - old.get(size, 0) for size, n in counts(after).items()
+            if n != old.get(size, 0)}
+
+
 def alone(shape: Shape, runs: int, threads: int | None) -> tuple[float, float, float]:
     """The pipeline's own time per image at this shape (one image a call, as the one-client
     load), the diffusion model's conversion to uint8, and JPEG + base64, in this process."""
@@ -273,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{shape.steps} steps; mean ms per image")
     pipeline_ms, convert_ms, jpeg_ms = alone(shape, min(10, args.requests), args.torch_threads)
     wall = rows[0][1]
+    batches = batch_sizes(after.triton["diffusion"], before.triton["diffusion"])
+    print("diffusion executions by batch size: "
+          + ", ".join(f"{size}: {count}" for size, count in sorted(batches.items())))
     print_table(["hop", "ms", "% of wall"], [(name, ms, 100 * ms / wall) for name, ms in rows])
     print(f"alone in this process, median: the pipeline {pipeline_ms:.1f} ms an image; the "
           f"conversion to uint8 {convert_ms:.2f} ms; JPEG and base64 {jpeg_ms:.2f} ms")
