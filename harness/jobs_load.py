@@ -9,7 +9,7 @@ gateway under gunicorn behind its front door) without job workers, and a webhook
 loopback. `--clients` clients POST /jobs through the front door, each job its own seed, its own
 presigned key and a webhook, until `--jobs` are queued; then `--workers` workers
 (`python -m gateway.jobs.worker`, GATEWAY_WORKER_THREADS threads each) start on the backlog.
-Each request is harness.load's: 64x64, 2 steps, NSFW on.
+Each request is harness.load's (64x64, NSFW on) with `--steps` denoising steps (default 1).
 
 Then it checks what must hold: every POST answered 202; every job reads `succeeded` through
 GET /jobs/{id} and in the store (one record per job, nothing left in the queued set or in the
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> tuple[Run, list[str]]:
         prefixes = [f"load/{i}" for i in range(args.jobs)]
         bodies = [
             json.dumps({**request_body(0, i, s3.presign_put(f"{prefix}/1.jpg")),
-                        "webhook": receiver.hook_url}).encode()
+                        "num_inference_steps": args.steps, "webhook": receiver.hook_url}).encode()
             for i, prefix in enumerate(prefixes)
         ]
         report.readings["before"] = Reading.now(store, stack)
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--clients", type=int, default=16, help="submitting the backlog")
+    parser.add_argument("--steps", type=int, default=1, help="of each 64x64 generation")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="for the workers to finish the backlog (seconds)")
     parser.add_argument("--run-dir", type=Path, default=None,
