@@ -221,3 +221,15 @@ def test_the_gateway_image_installs_everything_the_gateway_imports() -> None:
             continue
         assert names & listed, f"gateway/ imports {module} ({names}); not in gateway-requirements.txt"
     assert "gunicorn" in listed and '"gunicorn", "--config", "gateway/gunicorn.conf.py"' in dockerfile
+
+
+def test_the_gateway_s_settings_start_gunicorn(services: dict[str, Any]) -> None:
+    """The gateway's GATEWAY_* values as compose resolves them are settings gunicorn starts
+    with: THREADS at least MAX_IN_FLIGHT + 2 (a default raised in the code and left behind in
+    this file would stop the gateway at start)."""
+    from gateway.settings import Settings
+
+    environment = services["gateway"]["environment"]
+    gateway = {k: str(v) for k, v in environment.items() if k.startswith("GATEWAY_")}
+    settings = Settings.from_env(gateway)
+    assert settings.threads_problem() is None, settings.threads_problem()

@@ -167,7 +167,7 @@ def test_the_shutdown_timeout_covers_the_longest_request_unless_set() -> None:
 
 
 def test_gunicorn_keeps_spare_threads_beyond_the_in_flight_bound() -> None:
-    assert Settings().threads_problem() is None  # 8 threads, 6 in flight
+    assert Settings().threads_problem() is None  # 10 threads, 8 in flight
     assert Settings(threads=8 + 1, max_in_flight=7).threads_problem() is None
     problem = Settings(threads=8, max_in_flight=7).threads_problem()
     assert problem is not None
