@@ -106,7 +106,7 @@ class Services:
                 ssl_context=ssl_context(settings.upload_ca_bundle),
                 metrics=metrics,
             ),
-            deepfake=_deepfake_client(settings, metrics),
+            deepfake=_deepfake_client(settings, metrics, concurrency),
             store=Store.from_settings(settings, metrics, connections=concurrency + 4),
         )
 
@@ -128,7 +128,9 @@ class Services:
             self.deepfake.close()
 
 
-def _deepfake_client(settings: Settings, metrics: Metrics) -> DeepfakeClient | None:
+def _deepfake_client(
+    settings: Settings, metrics: Metrics, concurrency: int
+) -> DeepfakeClient | None:
     if settings.nvidia_api_key is None:
         return None
     return DeepfakeClient(
@@ -139,10 +141,10 @@ def _deepfake_client(settings: Settings, metrics: Metrics) -> DeepfakeClient | N
         assets_url=settings.nvidia_assets_url,
         inline_max_bytes=settings.deepfake_inline_max_bytes,
         http=urllib3.PoolManager(
-            num_pools=1, maxsize=settings.threads, retries=False, ssl_context=ssl_context(None)
+            num_pools=1, maxsize=concurrency, retries=False, ssl_context=ssl_context(None)
         ),
-        # One check per request in flight at most: as many workers as request threads.
-        executor=ThreadPoolExecutor(settings.threads, thread_name_prefix="deepfake"),
+        # One check per request (or job) in flight at most: as many workers as their threads.
+        executor=ThreadPoolExecutor(concurrency, thread_name_prefix="deepfake"),
         metrics=metrics,
     )
 
