@@ -32,20 +32,38 @@ WEBHOOKS = "webhooks"
 # Dramatiq looks for dead workers on this share of its commands (per million). Its default,
 # 1,000, takes minutes to notice one on a quiet queue; the scan is cheap (one sorted-set range).
 _MAINTENANCE_CHANCE = 50_000
-# Longest a worker's consumer of `jobs` or `webhooks` waits between two fetches while its queue
-# is empty (ms). Dramatiq's Redis broker polls, backing off up to the worker's timeout (1 s by
-# default): a job waited about half of that to start on an idle worker, and its webhook as long
-# again. At this pace an idle worker makes about 130 fetches a second (one Lua script each; a few
-# percent of a core, docs/benchmarks.md). The delay queues keep Dramatiq's pace: what they hold
-# is due seconds later.
-_POLL_MS = 20
+# An idle worker waits in Redis for a message instead of polling for one. Dramatiq's Redis broker
+# polls, backing off to one fetch a second: a job on an idle worker waited about half a second
+# to start, and its webhook as long again; polling every 20 ms instead cost an idle worker a
+# tenth of a core and Redis a few percent (docs/benchmarks.md). _IDLE_WAIT_S is the longest
+# single wait (at most half the client's socket timeout, so that a wait never reads as a hung
+# Redis); after a wait that saw nothing, the consumer fetches again within _REFETCH_MS.
+_IDLE_WAIT_S = 1.0
+_REFETCH_MS = 20
 
 
 class _Broker(RedisBroker):
+    """Dramatiq's Redis broker whose consumers of `jobs` and `webhooks` wait for a message in
+    Redis when their queue is empty. The delay queues keep Dramatiq's polling: what they hold is
+    due seconds later."""
+
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         if q_name(queue_name) == queue_name:  # not a delay queue
-            timeout = min(timeout, _POLL_MS)
+            timeout = min(timeout, _REFETCH_MS)
         return super().consume(queue_name, prefetch, timeout)
+
+    def do_fetch(self, queue_name: str, prefetch: int) -> list[bytes]:
+        fetch = self._dispatch("fetch")  # what RedisBroker itself answers for `do_fetch`
+        messages: list[bytes] = fetch(queue_name, prefetch)
+        if messages or q_name(queue_name) != queue_name:
+            return messages
+        # The queue is a list of message ids. Moving its last item to its own end changes
+        # nothing, and the blocking form returns as soon as there is one to move.
+        key = f"{self.namespace}:{queue_name}"
+        socket_s = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        wait_s = min(_IDLE_WAIT_S, socket_s / 2) if socket_s else _IDLE_WAIT_S
+        self.client.blmove(key, key, wait_s, "RIGHT", "RIGHT")
+        return list(fetch(queue_name, prefetch))
 
 
 def _unset(*_args: object) -> None:
