@@ -9,13 +9,17 @@ job workers), three figures from one run:
 - `jobs_overhead_p50_ms`: one client, one request at a time: a job (from just before its POST
   to its webhook's arrival at a receiver in this process) and a synchronous /generate of the
   same body, taking turns; the p50 of the pairs' differences: what queueing, the worker and the
-  webhook add to a generation;
+  webhook add to a generation. Printed beside it: the same difference of each call's time
+  outside Triton (its wall time minus what the diffusion model's and the classifier's
+  statistics say Triton spent on it), which generation noise does not reach, and where the
+  job's time went by its own timestamps (queued, running, webhook);
 - `jobs_throughput_ratio`: images/s of CLIENTS clients each submitting a job and waiting for its
   webhook, over images/s of CLIENTS clients calling /generate, same body, the sides taking turns
-  in ROUNDS slices of `--seconds`.
+  in ROUNDS slices of twice `--seconds` each.
 
-Every request is the same small generation with its NSFW check and its upload to the local S3
-(jobs deliver to storage only, so /generate uploads too). The gateway runs with room for CLIENTS
+Every request is the same small generation (benchmarks.service's concurrency shape, 64x64 and
+1 step) with its NSFW check and its upload to the local S3 (jobs deliver to storage only, so
+/generate uploads too). The gateway runs with room for CLIENTS
 synchronous generations (GATEWAY_MAX_IN_FLIGHT and GATEWAY_THREADS raised as in
 benchmarks.service); one worker with GATEWAY_WORKER_THREADS threads runs the jobs.
 """
@@ -34,11 +38,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+import tritonclient.grpc as grpcclient
 import urllib3
 
 from benchmarks.report import Timings, print_summary, print_table
-from benchmarks.service import burst
+from benchmarks.service import burst, triton_seconds
 from gateway.settings import SPARE_THREADS
+from gateway.triton import contract
 from harness.jobs_load import (
     WEBHOOK_SECRET,
     Deliveries,
@@ -54,10 +60,9 @@ ROUNDS = 4  # turns each side takes in the throughput measurement
 PAIRS = 30
 SECONDS = 10.0
 BUCKET = "bench"
-# Small enough that the service's own work shows, big enough to be a generation: about 60 ms
-# of the demo model on the 2-core machine of docs/benchmarks.md.
-WIDTH, HEIGHT, STEPS = 128, 128, 2
-SMOKE_SHAPE = (64, 64, 1)
+# benchmarks.service's concurrency shape: the service's own work shows beside the generation,
+# whose noise stays small, and 16 clients go through many requests each in a slice.
+SHAPE = (64, 64, 1)  # width, height, steps
 WAIT_S = 300.0  # the longest any one job may take before the run counts as broken
 
 
@@ -157,29 +162,41 @@ PARTS = {
 }
 
 
-def overhead(url: str, body: Bodies, deliveries: Deliveries, pairs: int) -> dict[str, Timings]:
+def overhead(url: str, body: Bodies, deliveries: Deliveries, pairs: int,
+             inside: Callable[[], float]) -> dict[str, Timings]:
     """A job and a /generate of one body, one after the other, `pairs` times, the order
-    swapped each time; `delta` holds each pair's job time minus its /generate time, and PARTS
-    the job's phases."""
-    timings = {name: Timings() for name in ("generate", "job", "delta", *PARTS)}
+    swapped each time. `delta` holds each pair's job time minus its /generate time; `outside`
+    the same difference of each call's time minus what `inside()` (a clock of the time Triton
+    spent on the models) says Triton spent on it, which generation noise does not reach;
+    PARTS the job's phases."""
+    names = ("generate", "job", "delta", "outside", *PARTS)
+    timings = {name: Timings() for name in names}
     with clients(url, 1) as [client]:
         sync, job = generate_call(client, body), job_call(client, body, deliveries)
         sync()  # warm-up
         job()
 
-        def timed_sync() -> float:
+        def timed_sync() -> tuple[float, float]:
+            before = inside()
             started = time.perf_counter()
             sync()
-            return time.perf_counter() - started
+            wall = time.perf_counter() - started
+            return wall, wall - (inside() - before)
+
+        def timed_job() -> tuple[float, float, Delivery]:
+            before = inside()
+            wall, delivery = job()
+            return wall, wall - (inside() - before), delivery
 
         for index in range(pairs):
             if index % 2:
-                (job_s, delivery), sync_s = job(), timed_sync()
+                (job_s, job_out, delivery), (sync_s, sync_out) = timed_job(), timed_sync()
             else:
-                sync_s, (job_s, delivery) = timed_sync(), job()
+                (sync_s, sync_out), (job_s, job_out, delivery) = timed_sync(), timed_job()
             timings["generate"].add(sync_s)
             timings["job"].add(job_s)
             timings["delta"].add(job_s - sync_s)
+            timings["outside"].add(job_out - sync_out)
             for name, (start, end) in PARTS.items():
                 ended = delivery.arrived_at if end is None else seconds_of(delivery.job[end])
                 timings[name].add(ended - seconds_of(delivery.job[start]))
@@ -208,8 +225,7 @@ def throughput(url: str, body: Bodies, deliveries: Deliveries, seconds: float,
 def run(seconds: float, pairs: int, smoke: bool) -> dict[str, float]:
     from benchmarks.batching import cpu
 
-    shape = SMOKE_SHAPE if smoke else (WIDTH, HEIGHT, STEPS)
-    rounds = 1 if smoke else ROUNDS
+    shape, rounds = SHAPE, 1 if smoke else ROUNDS
     deliveries = Deliveries()
     # The receiver only times deliveries here: the load run (harness.jobs_load) verifies them.
     with tempfile.TemporaryDirectory() as tmp, WebhookReceiver(deliveries) as receiver, \
@@ -233,16 +249,23 @@ def run(seconds: float, pairs: int, smoke: bool) -> dict[str, float]:
             store.flushdb()
 
         start_workers(stack, 1)
-        timings = overhead(stack.url, body, deliveries, pairs)
+        # A job calls the diffusion model and the classifier itself, /generate through their
+        # ensemble: the two models' own statistics count both alike.
+        triton = grpcclient.InferenceServerClient(stack.triton.grpc_url)
+        models = (contract.Model.DIFFUSION.value, contract.Model.CLASSIFIER.value)
+        timings = overhead(stack.url, body, deliveries, pairs,
+                           lambda: sum(triton_seconds(triton, model) for model in models))
+        triton.close()
         print(f"Latency, {pairs} pairs, one client, a job and a /generate taking turns:")
         labels = {"generate": "/generate", "job": "job, POST to its webhook",
-                  "delta": "job minus /generate (pairs)"}
+                  "delta": "job minus /generate (pairs)",
+                  "outside": "the same, outside Triton (pairs)"}
         print_table(["call", "p50 ms", "p90 ms"],
                     [(labels.get(name, f"  job {name}"), t.p50_ms, t.p90_ms)
                      for name, t in timings.items()])
 
-        rates = throughput(stack.url, body, deliveries, seconds, rounds)
-        print(f"Throughput, {CLIENTS} clients x {seconds:g}s per side in {rounds} turns: "
+        rates = throughput(stack.url, body, deliveries, 2 * seconds, rounds)
+        print(f"Throughput, {CLIENTS} clients x {2 * seconds:g}s per side in {rounds} turns: "
               f"/generate {rates['generate']:.1f} images/s, jobs {rates['jobs']:.1f} images/s",
               flush=True)
     return {
@@ -255,9 +278,9 @@ def run(seconds: float, pairs: int, smoke: bool) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=SECONDS,
-                        help="of submissions, and per side of the throughput test")
+                        help="of submissions; twice that per side of the throughput test")
     parser.add_argument("--pairs", type=int, default=PAIRS)
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, 3 pairs, 2 s")
+    parser.add_argument("--smoke", action="store_true", help="3 pairs, 2 s, one turn")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seconds, args.pairs = 2.0, 3
