@@ -127,6 +127,7 @@ def test_without_a_key_the_body_names_no_address_and_no_path(
         "status": "ready",
         "models": {"txt2img": {"ready": True}, "txt2img_nsfw": {"ready": True}},
         "demo": True,
+        "store": "none",  # no GATEWAY_REDIS_URL here
     }
     text = public.get_data(as_text=True)
     for secret in (f":{triton.grpc_port}", f":{triton.metrics_port}", "127.0.0.1", "/"):
