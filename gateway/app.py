@@ -9,7 +9,7 @@ import time
 from flask import Flask, Response, g, request
 
 from gateway import docs, views
-from gateway.auth import ApiKeys, require_api_key
+from gateway.auth import require_api_key
 from gateway.backpressure import limit_in_flight, limit_moderations
 from gateway.errors import register_error_handlers
 from gateway.forwarded import ClientAddress
@@ -20,6 +20,7 @@ from gateway.metrics import Metrics
 from gateway.readiness import ReadinessCache
 from gateway.services import Services
 from gateway.settings import Settings, SettingsError
+from gateway.tenants.tenant import Tenants
 
 
 def create_app(config: Settings | None = None) -> Flask:
@@ -34,6 +35,7 @@ def create_app(config: Settings | None = None) -> Flask:
     logging.getLogger("gateway").setLevel(settings.log_level)
 
     metrics = Metrics(settings.metrics_dir)
+    app.extensions["gateway_tenants"] = Tenants.from_settings(settings)
     app.extensions["gateway"] = Services.build(settings, metrics)
     app.extensions["gateway_readiness"] = ReadinessCache(
         app.extensions["gateway"], settings.ready_cache_s
@@ -45,7 +47,7 @@ def create_app(config: Settings | None = None) -> Flask:
     # In this order: a refused request still gets its request id, and an anonymous one never
     # takes an in-flight slot.
     track_request_ids(app)
-    require_api_key(app, ApiKeys.from_settings(settings))
+    require_api_key(app, app.extensions["gateway_tenants"])
     limit_in_flight(
         app, limit=settings.max_in_flight, retry_after_s=settings.retry_after_s, metrics=metrics
     )

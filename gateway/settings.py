@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 # The model names only: the contract imports no gRPC at module level (gunicorn's master reads
 # the settings before forking its workers).
 from gateway.nvidia.api import INLINE_LIMIT_CHARS, INLINE_MAX_BYTES
-from gateway.triton.contract import Model
+from gateway.triton.contract import Model, Priority
 from gateway.triton.target import parse_target
 
 PREFIX = "GATEWAY_"
@@ -165,6 +165,14 @@ def parse_webhook_secrets(raw: str) -> tuple[str, ...]:
         if len(decoded) < 16:
             raise ValueError("each secret must hold at least 16 bytes (128 bits)")
     return secrets
+
+
+def parse_priority(raw: str) -> Priority:
+    """`interactive` or `batch`: a Triton priority level by its name (tenants file, settings)."""
+    try:
+        return Priority[raw.strip().upper()]
+    except KeyError:
+        raise ValueError(f"expected {' or '.join(p.name.lower() for p in Priority)}") from None
 
 
 def parse_api_keys(raw: str) -> tuple[str, ...]:
@@ -433,6 +441,43 @@ class Settings:
         "reaches it (the local `make serve` sets it); otherwise it refuses to start keyless.",
         default=False,
     )
+    tenants_file: str | None = _setting(
+        "TENANTS_FILE",
+        _parse_optional_str,
+        "TOML file of named tenants, each with the SHA-256 of its keys, its quotas and its "
+        "priority ([Tenants](tenants.md)); read at start. Keys in API_KEYS and API_KEYS_FILE "
+        "belong to the tenant `default`, whose quotas are the DEFAULT_* settings.",
+        default=None,
+    )
+    default_requests_per_minute: int = _setting(
+        "DEFAULT_REQUESTS_PER_MINUTE",
+        int,
+        "Requests a minute (`POST /generate` and `POST /jobs` together) of the `default` "
+        "tenant, counted across every gateway in Redis; 0: no limit.",
+        default=0,
+    )
+    default_max_concurrent: int = _setting(
+        "DEFAULT_MAX_CONCURRENT",
+        int,
+        "Generations in flight at once (synchronous and running jobs) of the `default` tenant, "
+        "across every gateway and worker; 0: no limit.",
+        default=0,
+    )
+    default_priority: Priority = _setting(
+        "DEFAULT_PRIORITY",
+        parse_priority,
+        "Triton priority of the `default` tenant's `/generate` calls: `interactive` (ahead of "
+        "queued batch work) or `batch`. Jobs always run as batch work.",
+        default=Priority.INTERACTIVE,
+    )
+    quota_fail_open: bool = _setting(
+        "QUOTA_FAIL_OPEN",
+        _parse_bool,
+        "With Redis unreachable, `true` admits requests without counting them (each one counted "
+        "in gateway_quota_unchecked_total, and MAX_IN_FLIGHT still bounds each process); "
+        "`false` answers 503.",
+        default=True,
+    )
     max_in_flight: int = _setting(
         "MAX_IN_FLIGHT",
         int,
@@ -659,6 +704,11 @@ class Settings:
                 f"{PREFIX}WORKER_METRICS_PORT must be in 1..65535",
             ),
             (self.worker_requeue_s >= 1, f"{PREFIX}WORKER_REQUEUE_S must be >= 1"),
+            (
+                self.default_requests_per_minute >= 0,
+                f"{PREFIX}DEFAULT_REQUESTS_PER_MINUTE must be >= 0",
+            ),
+            (self.default_max_concurrent >= 0, f"{PREFIX}DEFAULT_MAX_CONCURRENT must be >= 0"),
         ]
 
     @property
@@ -691,10 +741,11 @@ class Settings:
 
     def anonymous_problem(self) -> str | None:
         """Why the gateway must not start, keyless without the explicit opt-out, or None."""
-        if self.api_keys or self.api_keys_file is not None or self.allow_anonymous:
+        keyed = self.api_keys or self.api_keys_file is not None or self.tenants_file is not None
+        if keyed or self.allow_anonymous:
             return None
         return (
-            f"no API key: set {PREFIX}API_KEYS or {PREFIX}API_KEYS_FILE, or "
+            f"no API key: set {PREFIX}API_KEYS, {PREFIX}API_KEYS_FILE or {PREFIX}TENANTS_FILE, or "
             f"{PREFIX}ALLOW_ANONYMOUS=true to serve everyone who can reach this gateway"
         )
 

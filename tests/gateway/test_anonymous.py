@@ -18,7 +18,8 @@ from gateway.settings import Settings, SettingsError
 from tests.gateway.process import GunicornGateway
 
 MESSAGE = (
-    "no API key: set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE, or GATEWAY_ALLOW_ANONYMOUS=true"
+    "no API key: set GATEWAY_API_KEYS, GATEWAY_API_KEYS_FILE or GATEWAY_TENANTS_FILE, or "
+    "GATEWAY_ALLOW_ANONYMOUS=true"
 )
 
 

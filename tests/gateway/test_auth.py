@@ -11,8 +11,9 @@ import pytest
 from flask import Flask
 
 from gateway import Settings
-from gateway.auth import OPEN_ENDPOINTS, ApiKeys
+from gateway.auth import OPEN_ENDPOINTS
 from gateway.settings import SettingsError
+from gateway.tenants.tenant import Tenants
 from tests.gateway.process import GunicornGateway, request
 from tests.models.helpers import wait_until
 
@@ -76,10 +77,12 @@ def test_refusals_are_counted_without_the_key(app: Flask) -> None:
 def test_keys_from_a_file_add_to_the_list(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"# rotated 2025-09\n{OTHER}\n\n  {KEY}  \n")
-    keys = ApiKeys.from_settings(Settings(api_keys=("c" * 16,), api_keys_file=str(keys_file)))
+    tenants = Tenants.from_settings(
+        Settings(api_keys=("c" * 16,), api_keys_file=str(keys_file))
+    )
     for key in (KEY, OTHER, "c" * 16):
-        assert keys.accepts(f"Bearer {key}")
-    assert not keys.accepts("Bearer # rotated 2025-09")
+        assert tenants.identify(f"Bearer {key}") is not None
+    assert tenants.identify("Bearer # rotated 2025-09") is None
 
 
 @pytest.mark.parametrize(("content", "message"), [(None, "No such file"), ("# none\n", "holds no key"), ("short\n", "16")])
@@ -90,7 +93,7 @@ def test_a_bad_key_file_stops_the_gateway_naming_the_variable(
     if content is not None:
         keys_file.write_text(content)
     with pytest.raises(SettingsError, match=message) as err:
-        ApiKeys.from_settings(Settings(api_keys_file=str(keys_file)))
+        Tenants.from_settings(Settings(api_keys_file=str(keys_file)))
     assert "GATEWAY_API_KEYS_FILE" in str(err.value)
 
 
