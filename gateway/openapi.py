@@ -32,6 +32,10 @@ _SPEC_EXAMPLE = {
     "enable_nsfw_check": "true",
 }
 
+_OVERLOADED = (
+    "Triton's queue is full, or this process already works on GATEWAY_MAX_IN_FLIGHT requests"
+)
+
 _ERRORS = {
     "400": "Invalid request: malformed JSON, a wrong, missing or unknown field (named in "
     "`error.field`), an s3_prefix that is not an allowed http(s) URL with a file name, or "
@@ -39,13 +43,49 @@ _ERRORS = {
     "401": "No valid API key (`Authorization: Bearer <key>`), when keys are configured.",
     "413": "Body larger than GATEWAY_MAX_BODY_BYTES.",
     "415": "Body not sent as application/json.",
-    "429": "Triton's queue is full, or this process already works on GATEWAY_MAX_IN_FLIGHT "
-    "requests; retry after `Retry-After` seconds.",
+    "429": f"{_OVERLOADED} (`error.code` overloaded); retry after `Retry-After` seconds.",
     "502": "Inference failed upstream, or the upload failed after all retries "
     "(`error.code` upload_failed, with the `data` block: hash, score, last storage status).",
     "503": "Triton or the model is unavailable, the request waited past the inference queue's "
     "timeout, or the upload host cannot be resolved right now; retry after `Retry-After` seconds.",
     "504": "Generation did not finish within GATEWAY_TRITON_DEADLINE_S.",
+}
+
+# A tenant's quotas (gateway.tenants): POST /generate and POST /jobs share requests_per_minute.
+_RATE_LIMITED = (
+    "`error.code` rate_limited: the tenant's requests_per_minute (POST /generate and POST /jobs "
+    "together, counted by every gateway) is spent; `Retry-After` is the seconds until one more "
+    "fits (`RateLimit`'s `t`)."
+)
+_GENERATE_429 = (
+    f"{_RATE_LIMITED} `error.code` concurrency_limited: the tenant already has max_concurrent "
+    "generations in flight (synchronous ones and running jobs, on every gateway and worker). "
+    f"`error.code` overloaded: {_OVERLOADED}. Retry after `Retry-After` seconds."
+)
+_JOBS_429 = (
+    f"{_RATE_LIMITED} A job is never refused for max_concurrent (`error.code` "
+    "concurrency_limited is /generate's): it waits in its tenant's queue until a running job of "
+    "the tenant ends."
+)
+_QUOTAS_UNREACHABLE = (
+    "With GATEWAY_QUOTA_FAIL_OPEN=false, also while the quotas' store (Redis) cannot be "
+    "reached (with true, the default, the request is admitted unchecked)."
+)
+# IETF httpapi draft-ietf-httpapi-ratelimit-headers: the quota policy and what is left of it.
+_RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": {
+        "description": "The tenant's rate limit, sent on every answer to a tenant with a "
+        "requests_per_minute: `\"<policy>\";q=<requests>;w=<window seconds>` (a Structured "
+        "Field list, per the IETF httpapi RateLimit header fields draft).",
+        "schema": {"type": "string"},
+        "example": '"storefront";q=120;w=60',
+    },
+    "RateLimit": {
+        "description": "What is left of it: `\"<policy>\";r=<remaining>;t=<seconds until "
+        "the window frees a request>`.",
+        "schema": {"type": "string"},
+        "example": '"storefront";r=0;t=12',
+    },
 }
 
 _IDEMPOTENCY_ERRORS = {
@@ -63,6 +103,7 @@ _JOB_ERRORS = {
     "413": _ERRORS["413"],
     "415": _ERRORS["415"],
     **_IDEMPOTENCY_ERRORS,
+    "429": _JOBS_429,
     "503": "The job store (Redis) is unavailable or not configured; retry after `Retry-After` "
     "seconds.",
 }
@@ -159,13 +200,18 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
         "schema": {"type": "string", "pattern": ID_PATTERN},
     }
 
-    def error(description: str, status: str) -> dict[str, Any]:
+    rate_limit = {name: {"$ref": f"#/components/headers/{name}"} for name in _RATE_LIMIT_HEADERS}
+
+    def error(description: str, status: str, *, limited: bool = False) -> dict[str, Any]:
+        """`limited`: an endpoint under the tenants' rate limit, whose 429 carries its fields."""
         response: dict[str, Any] = {
             "description": description,
             "content": {"application/json": {"schema": ref(ErrorBody)}},
         }
         if status in ("409", "429", "503"):
             response["headers"] = retry_after
+        if status == "429" and limited:
+            response["headers"] = {**retry_after, **rate_limit}
         if status == "401":
             response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
         return response
@@ -192,7 +238,7 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                     "responses": {
                         "200": {
                             "description": "Generated (and uploaded, for response_format s3).",
-                            "headers": replayed,
+                            "headers": {**replayed, **rate_limit},
                             "content": {
                                 "application/json": {
                                     "schema": {
@@ -209,8 +255,13 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                             },
                         },
                         **{
-                            status: error(text, status)
-                            for status, text in {**_ERRORS, **_IDEMPOTENCY_ERRORS}.items()
+                            status: error(text, status, limited=True)
+                            for status, text in {
+                                **_ERRORS,
+                                "429": _GENERATE_429,
+                                "503": f"{_ERRORS['503']} {_QUOTAS_UNREACHABLE}",
+                                **_IDEMPOTENCY_ERRORS,
+                            }.items()
                         },
                     },
                 }
@@ -244,6 +295,7 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                                 "Preference-Applied": {"schema": {"type": "string"}},
                                 "Location": {"schema": {"type": "string"}},
                                 **replayed,
+                                **rate_limit,
                             },
                             "content": job_content,
                         },
@@ -256,10 +308,14 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                                 },
                                 "Preference-Applied": {"schema": {"type": "string"}},
                                 **replayed,
+                                **rate_limit,
                             },
                             "content": job_content,
                         },
-                        **{status: error(text, status) for status, text in _JOB_ERRORS.items()},
+                        **{
+                            status: error(text, status, limited=True)
+                            for status, text in _JOB_ERRORS.items()
+                        },
                     },
                 }
             },
@@ -351,6 +407,7 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
                                                     "content": {"text/html": {}}}}}},
         },
         "components": {
+            "headers": copy.deepcopy(_RATE_LIMIT_HEADERS),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "GATEWAY_API_KEYS"}
             },

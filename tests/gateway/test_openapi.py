@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import re
+
 import jsonschema
 import pytest
 from flask.testing import FlaskClient
@@ -82,3 +85,56 @@ def test_moderate_is_documented_and_its_schema_agrees_with_the_validator(documen
     for bad in ({}, {"image": ""}, {"image": "x", "enable_deepfake_chek": True}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+# --- tenants' quotas -----------------------------------------------------------------------------
+
+LIMITED = {("/generate", "200"), ("/generate", "429"), ("/jobs", "200"), ("/jobs", "202"),
+           ("/jobs", "429")}
+
+
+def _header(document: dict, header: dict) -> dict:
+    if "$ref" in header:
+        return document["components"]["headers"][header["$ref"].rsplit("/", 1)[1]]
+    return header
+
+
+def test_the_rate_limited_endpoints_describe_both_quota_codes(document: dict) -> None:
+    generate = document["paths"]["/generate"]["post"]["responses"]["429"]["description"]
+    jobs = document["paths"]["/jobs"]["post"]["responses"]["429"]["description"]
+    for text in (generate, jobs):
+        assert "rate_limited" in text and "concurrency_limited" in text
+    assert "overloaded" in generate  # the process's own bound is still a 429 of /generate
+    assert "GATEWAY_QUOTA_FAIL_OPEN" in document["paths"]["/generate"]["post"]["responses"]["503"]["description"]
+
+
+def test_the_ratelimit_fields_are_on_the_answers_of_limited_endpoints(document: dict) -> None:
+    for path, status in LIMITED:
+        headers = document["paths"][path]["post"]["responses"][status]["headers"]
+        assert {"RateLimit", "RateLimit-Policy"} <= set(headers), (path, status)
+        for name in ("RateLimit", "RateLimit-Policy"):
+            assert _header(document, headers[name])["schema"] == {"type": "string"}
+        if status == "429":
+            assert _header(document, headers["Retry-After"])["schema"] == {"type": "integer"}
+    # Only where a tenant's rate limit applies: not /moderate, nor reading a job.
+    assert "RateLimit" not in document["paths"]["/moderate"]["post"]["responses"]["429"]["headers"]
+    assert "headers" not in document["paths"]["/jobs/{job_id}"]["get"]["responses"]["200"]
+
+
+def test_the_ratelimit_examples_follow_the_draft_s_syntax(document: dict) -> None:
+    # draft-ietf-httpapi-ratelimit-headers: a list of items, each a quoted policy name with
+    # integer parameters: q (quota) and w (window) for the policy, r (remaining) and t (reset).
+    headers = document["components"]["headers"]
+    item = r'"[a-z0-9-]+"(;[a-z]=\d+)+'
+    policy = headers["RateLimit-Policy"]["example"]
+    state = headers["RateLimit"]["example"]
+    assert re.fullmatch(item, policy) and re.fullmatch(item, state)
+    assert [p.split("=")[0] for p in policy.split(";")[1:]] == ["q", "w"]
+    assert [p.split("=")[0] for p in state.split(";")[1:]] == ["r", "t"]
+    assert policy.split(";")[0] == state.split(";")[0]  # the same policy's state
+
+
+def test_the_document_with_keys_validates_too() -> None:
+    document = build_openapi(Settings(api_keys=("docs-example-key-0000",)))
+    assert document["paths"]["/generate"]["post"]["security"] == [{"bearer": []}]
+    validate(json.loads(json.dumps(document)))
