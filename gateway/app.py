@@ -42,7 +42,8 @@ def create_app(config: Settings | None = None) -> Flask:
     )
     store = app.extensions["gateway"].store
     if store is not None:
-        app.extensions["gateway_queue_reading"] = QueueGauge(store.jobs)
+        tenant_names = [t.name for t in app.extensions["gateway_tenants"].all]
+        app.extensions["gateway_queue_reading"] = QueueGauge(store.jobs, tenants=tenant_names)
     register_error_handlers(app)
     # In this order: a refused request still gets its request id, and an anonymous one never
     # takes an in-flight slot.

@@ -513,6 +513,42 @@ class Metrics:
         extra.register(_QueueCollector(queue))
         return text + generate_latest(extra)
 
+    # -- each tenant's jobs (a job worker) -------------------------------------------------
+
+    # Made on first use, not in __init__: only a job worker, once it has read the tenants file.
+    _tenant_jobs_lock = threading.Lock()
+
+    def track_tenant_jobs(self, tenants: Iterable[str]) -> None:
+        """Count jobs per tenant, labelled with `tenants` only (those of the tenants file, which
+        bound the series): a worker calls it once it has read the file."""
+        with self._tenant_jobs_lock:
+            if not hasattr(self, "_tenant_jobs"):
+                finished = [s.value for s in JobStatus if s.final]
+                self._tenant_jobs = Counter(
+                    "worker_tenant_jobs",
+                    f"Jobs a worker finished, by tenant and status ({_words(finished)}).",
+                    ["tenant", "status"],
+                    registry=self.registry,
+                )
+                self._tenant_job_seconds = Histogram(
+                    "worker_tenant_job_seconds",
+                    "Time from a worker's start of a job to its end, by tenant.",
+                    ["tenant"],
+                    buckets=_STAGE_BUCKETS,
+                    registry=self.registry,
+                )
+        for tenant in tenants:
+            self._tenant_job_seconds.labels(tenant)
+            for status in JobStatus:
+                if status.final:
+                    self._tenant_jobs.labels(tenant, status.value)
+
+    def tenant_job_finished(self, tenant: str, status: JobStatus, seconds: float) -> None:
+        """One job of `tenant` (a tracked name) ended."""
+        self._tenant_jobs.labels(tenant, status.value).inc()
+        self._tenant_job_seconds.labels(tenant).observe(seconds)
+
+
 
 @dataclass(frozen=True)
 class QueueReading:
@@ -520,6 +556,7 @@ class QueueReading:
 
     queued: int | None
     oldest_age_s: float | None
+    by_tenant: tuple[tuple[str, int], ...] = ()  # (tenant, jobs queued) of each tenant
 
 
 class _QueueCollector:
@@ -543,3 +580,12 @@ class _QueueCollector:
         )
         oldest.add_metric([], self.reading.oldest_age_s or 0.0)
         yield oldest
+        if self.reading.by_tenant:
+            by_tenant = GaugeMetricFamily(
+                "gateway_tenant_jobs_queued",
+                "Jobs queued now of each tenant (those of the tenants file), all gateways'.",
+                labels=["tenant"],
+            )
+            for tenant, count in self.reading.by_tenant:
+                by_tenant.add_metric([tenant], count)
+            yield by_tenant

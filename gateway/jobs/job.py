@@ -43,6 +43,11 @@ class JobObject:
     """A job as clients see it (GET /jobs/{id}, POST /jobs, webhook deliveries)."""
 
     id: str = described("The job's id: 192 random bits.", pattern=ID_PATTERN)
+    tenant: str = described(
+        "The tenant whose key made it (its name in the tenants file; `default` for the keys of "
+        "the settings, `anonymous` with no key configured). Its queue and `max_concurrent` are "
+        "that tenant's."
+    )
     status: JobStatus = described(
         "queued → running → succeeded | failed | canceled (a queued job may be canceled "
         "before it runs)."
@@ -72,7 +77,8 @@ class JobObject:
 @dataclass(frozen=True)
 class JobRecord:
     """What the store keeps for a job. `owner` scopes it to one API key (a digest, never the
-    key); `request` is the validated /generate body, which only the worker reads again."""
+    key); `tenant` names that key's tenant (a name, never a key); `request` is the validated
+    /generate body, which only the worker reads again."""
 
     id: str
     owner: str
@@ -87,6 +93,8 @@ class JobRecord:
     cancel_requested: bool = False
     attempts: int = 0  # how many times a worker took it up (a dead worker's job runs again)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Records stored before tenants name none: their keys were the settings' keys, `default`'s.
+    tenant: str = "default"
 
     def to_store(self) -> dict[str, Any]:
         return {
@@ -103,6 +111,7 @@ class JobRecord:
             "cancel_requested": self.cancel_requested,
             "attempts": self.attempts,
             "extra": self.extra,
+            "tenant": self.tenant,
         }
 
     @classmethod
@@ -116,6 +125,7 @@ class JobRecord:
         path = f"{base_path}/{self.id}"
         return JobObject(
             id=self.id,
+            tenant=self.tenant,
             status=self.status,
             created_at=rfc3339(self.created_at) or "",
             started_at=rfc3339(self.started_at),

@@ -7,6 +7,11 @@ puts back the messages of a worker whose heartbeat stopped (a SIGKILLed worker's
 a stopping worker finishes the messages it holds. Messages carry the job id only: the record in
 the store (gateway.jobs.store) is the job.
 
+Each tenant's jobs have their own queue, `jobs.<tenant>`; a worker consumes the queue of every
+tenant in the tenants file and hands the messages it fetched to its threads in turns, one tenant
+after another (`Turns`; docs/jobs.md, "Fair queues"). The plain `jobs` queue holds the jobs sent
+before tenants (or by a sender that names none); workers drain it like a tenant's.
+
 Gateways only send; workers (gateway.jobs.worker) consume with the same broker settings, and
 give the actors their handlers.
 """
@@ -14,8 +19,11 @@ give the actors their handlers.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from queue import PriorityQueue
+from typing import Any
 
 import dramatiq
 import redis
@@ -42,10 +50,65 @@ _IDLE_WAIT_S = 1.0
 _REFETCH_MS = 20
 
 
+def tenant_queue(tenant: str) -> str:
+    """The queue of a tenant's jobs (tenant names are [a-z0-9-], valid in a Dramatiq name)."""
+    return f"{JOBS}.{tenant}"
+
+
+class Turns(PriorityQueue):  # type: ignore[type-arg]  # Dramatiq's work queue of _WorkQueueItem
+    """A worker's work queue that hands its threads the messages its consumers fetched one queue
+    after another (round robin), instead of Dramatiq's order of arrival: a tenant whose flood was
+    fetched first does not go first. It also says how many more messages a queue's consumer may
+    fetch (`room`): none while one of that queue's messages still waits here, else as many as
+    there are idle threads (at least one). So a worker holds at most its threads' worth of
+    messages plus one waiting per queue, and a tenant's next message waits behind at most one
+    message of each other tenant."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        super().__init__()
+
+    def _init(self, maxsize: int) -> None:
+        self._by_queue: dict[str, deque[Any]] = {}
+        self._turns: deque[str] = deque()  # the queues with a message waiting, next first
+        self._taken = threading.Condition(self.mutex)
+
+    def _qsize(self) -> int:
+        return sum(len(waiting) for waiting in self._by_queue.values())
+
+    def _put(self, item: Any) -> None:
+        name = item.message.queue_name
+        waiting = self._by_queue.setdefault(name, deque())
+        if not waiting:
+            self._turns.append(name)
+        waiting.append(item)
+
+    def _get(self) -> Any:
+        name = self._turns.popleft()
+        waiting = self._by_queue[name]
+        item = waiting.popleft()
+        if waiting:
+            self._turns.append(name)
+        self._taken.notify_all()
+        return item
+
+    def room(self, queue_name: str, wanted: int, wait_s: float) -> int:
+        """How many messages `queue_name`'s consumer may fetch now, waiting up to `wait_s` for
+        that queue's waiting message to be taken (0 if it still waits)."""
+        with self._taken:
+            if not self._taken.wait_for(lambda: not self._by_queue.get(queue_name), wait_s):
+                return 0
+            # unfinished_tasks: messages waiting here plus those a thread runs.
+            return min(wanted, max(1, self.threads - self.unfinished_tasks))
+
+
 class _Broker(RedisBroker):
-    """Dramatiq's Redis broker whose consumers of `jobs` and `webhooks` wait for a message in
-    Redis when their queue is empty. The delay queues keep Dramatiq's polling: what they hold is
-    due seconds later."""
+    """Dramatiq's Redis broker whose consumers of the job and webhook queues wait for a message
+    in Redis when their queue is empty. The delay queues keep Dramatiq's polling: what they hold
+    is due seconds later. In a worker (`turns` set), a consumer fetches only what `Turns.room`
+    allows."""
+
+    turns: Turns | None = None
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         if q_name(queue_name) == queue_name:  # not a delay queue
@@ -54,14 +117,20 @@ class _Broker(RedisBroker):
 
     def do_fetch(self, queue_name: str, prefetch: int) -> list[bytes]:
         fetch = self._dispatch("fetch")  # what RedisBroker itself answers for `do_fetch`
+        delayed = q_name(queue_name) != queue_name
+        socket_s = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        wait_s = min(_IDLE_WAIT_S, socket_s / 2) if socket_s else _IDLE_WAIT_S
+        if self.turns is not None and not delayed:
+            # The consumer waits here, not in Redis, while its queue's turn has not come.
+            prefetch = self.turns.room(queue_name, prefetch, wait_s)
+            if prefetch == 0:
+                return []
         messages: list[bytes] = fetch(queue_name, prefetch)
-        if messages or q_name(queue_name) != queue_name:
+        if messages or delayed:
             return messages
         # The queue is a list of message ids. Moving its last item to its own end changes
         # nothing, and the blocking form returns as soon as there is one to move.
         key = f"{self.namespace}:{queue_name}"
-        socket_s = self.client.connection_pool.connection_kwargs.get("socket_timeout")
-        wait_s = min(_IDLE_WAIT_S, socket_s / 2) if socket_s else _IDLE_WAIT_S
         self.client.blmove(key, key, wait_s, "RIGHT", "RIGHT")
         return list(fetch(queue_name, prefetch))
 
@@ -108,9 +177,14 @@ class JobQueue:
             actor_name="deliver_webhook", queue_name=WEBHOOKS, broker=self.broker,
         )
 
-    def enqueue(self, job_id: str, delay_s: float = 0.0) -> None:
+    def enqueue(self, job_id: str, delay_s: float = 0.0, *, tenant: str | None = None) -> None:
+        """Send a job to its tenant's queue (with no tenant, to the plain `jobs` queue); with
+        `delay_s`, it joins the back of that queue then."""
+        message = self.run_job.message_with_options(args=(job_id,))
+        if tenant is not None:
+            message = message.copy(queue_name=tenant_queue(tenant))
         with bounded(self.retry_after_s, "enqueue", self.failed):
-            self.run_job.send_with_options(args=(job_id,), delay=int(delay_s * 1000) or None)
+            self.broker.enqueue(message, delay=int(delay_s * 1000) or None)
 
     def enqueue_delivery(self, job_id: str, attempt: int, delay_s: float) -> None:
         with bounded(self.retry_after_s, "enqueue delivery", self.failed):
@@ -118,10 +192,24 @@ class JobQueue:
                 args=(job_id, attempt), delay=int(delay_s * 1000) or None
             )
 
-    def depth(self) -> int:
-        """Messages waiting in the jobs queue (Dramatiq's own count)."""
+    def depth(self, tenant: str | None = None) -> int:
+        """Messages in a tenant's queue (or the plain `jobs` queue), waiting or taken and not yet
+        acknowledged (Dramatiq's own count)."""
         with bounded(self.retry_after_s, "queue size", self.failed):
-            return int(self.broker.do_qsize(JOBS))
+            return int(self.broker.do_qsize(JOBS if tenant is None else tenant_queue(tenant)))
+
+    def worker(self, tenants: Iterable[str], threads: int, **options: Any) -> dramatiq.Worker:
+        """A Dramatiq worker of `threads` threads on the queues of `tenants`, the plain `jobs`
+        queue and `webhooks`, whose threads take the fetched messages in turns (`Turns`).
+        `options` go to dramatiq.Worker (worker_timeout)."""
+        for tenant in tenants:
+            self.broker.declare_queue(tenant_queue(tenant))
+        worker = dramatiq.Worker(self.broker, worker_threads=threads, **options)
+        # A queue may hold as many as the threads (one tenant alone uses them all); `Turns`
+        # keeps the worker as a whole to what it can run plus one waiting message per queue.
+        worker.queue_prefetch = threads
+        worker.work_queue = self.broker.turns = Turns(threads)
+        return worker
 
     def heartbeat(self, stop: threading.Event, every_s: float) -> None:
         """Keep this worker alive in the broker's eyes while all its threads are busy: its

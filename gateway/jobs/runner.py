@@ -8,6 +8,11 @@ deadline and a cancel event the `CancelWatcher` sets when its owner cancels it. 
 transitions decide what may happen: a job canceled while queued is never started (Triton never
 sees it), and the first run to finish a job wins (a job taken up again after its worker died
 may run twice; its object is named by its content, so the second upload is harmless).
+
+Before it starts, a job takes a lease on its tenant's `max_concurrent` (gateway.tenants.
+concurrency, shared with the gateways' /generate); a tenant at its limit has the job wait again
+at the back of its queue, without starting it (no attempt, no thread held). A job whose tenant
+is no longer in the tenants file runs as the `default` tenant: its limit, queue and metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from gateway.jobs.queue import JobQueue
 from gateway.jobs.store import CANCEL_CHANNEL, JobStore, StoreUnavailable
 from gateway.schema import to_json
 from gateway.services import Services
+from gateway.tenants.concurrency import Concurrency, Lease
+from gateway.tenants.tenant import DEFAULT, Tenant, Tenants
 from gateway.triton.contract import Priority
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,9 @@ _store_retry = retry(
     stop=stop_after_delay(_STORE_PATIENCE_S),
     reraise=True,
 )
+# A job whose tenant is at its max_concurrent is sent again this much later: a lease frees when
+# one of the tenant's generations ends (seconds), and each look costs a fetch and a Redis script.
+AT_LIMIT_DELAY_S = 1.0
 
 
 class CancelWatcher:
@@ -110,14 +120,65 @@ class CancelWatcher:
 
 class JobRunner:
     def __init__(
-        self, services: Services, store: JobStore, queue: JobQueue, watcher: CancelWatcher
+        self,
+        services: Services,
+        store: JobStore,
+        queue: JobQueue,
+        watcher: CancelWatcher,
+        tenants: Tenants | None = None,
     ) -> None:
         self.services = services
         self.store = store
         self.queue = queue
         self.watcher = watcher
+        settings = services.settings
+        self.tenants = tenants if tenants is not None else Tenants.from_settings(settings)
+        # Who runs a job of a tenant no longer in the file (see the module's docstring).
+        self.fallback = self.tenants.by_name.get(DEFAULT) or Tenant(
+            DEFAULT,
+            requests_per_minute=settings.default_requests_per_minute,
+            max_concurrent=settings.default_max_concurrent,
+            priority=settings.default_priority,
+        )
+        self.concurrency = Concurrency(store.client)
+        self.lease_s = settings.job_deadline_s + settings.longest_request_s
+        services.metrics.track_tenant_jobs(self.queue_tenants)
+
+    @property
+    def queue_tenants(self) -> list[str]:
+        """The tenants whose queues a worker consumes: the file's, and the fallback's."""
+        return list(dict.fromkeys([*(t.name for t in self.tenants.all), self.fallback.name]))
+
+    def tenant(self, name: str) -> Tenant:
+        return self.tenants.by_name.get(name, self.fallback)
 
     def run(self, job_id: str) -> None:
+        queued = _store_retry(self.store.get)(job_id)
+        if queued is None or queued.status.final or queued.cancel_requested:
+            log.info("job %s not run: canceled, finished or expired before it started", job_id)
+            return
+        tenant = self.tenant(queued.tenant)
+        lease = self._lease(tenant)
+        if lease is None:
+            # Not started, so not an attempt; its message is acknowledged, this thread is free.
+            _store_retry(self.queue.enqueue)(job_id, AT_LIMIT_DELAY_S, tenant=tenant.name)
+            log.info("job %s (tenant %s) waits: the tenant runs its max_concurrent (%d)",
+                     job_id, tenant.name, tenant.max_concurrent)
+            return
+        try:
+            self._run(job_id, tenant)
+        finally:
+            self.concurrency.release(lease, self.services.metrics.store_failed)
+
+    def _lease(self, tenant: Tenant) -> Lease | None:
+        try:
+            return self.concurrency.acquire(tenant, self.lease_s)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Fails open, as the gateways' quota does: the store's own calls wait for Redis.
+            self.services.metrics.store_failed()
+            return Lease(tenant.name, None)
+
+    def _run(self, job_id: str, tenant: Tenant) -> None:
         metrics, settings = self.services.metrics, self.services.settings
         record = _store_retry(self.store.start)(job_id)
         if record is None:
@@ -135,8 +196,9 @@ class JobRunner:
             # fail, as long as it is younger than its deadline.
             if time.time() - record.created_at + busy.delay_s < settings.job_deadline_s:
                 if _store_retry(self.store.requeue)(job_id) is not None:
-                    _store_retry(self.queue.enqueue)(job_id, busy.delay_s)
-                    log.info("job %s queued again in %gs: %s", job_id, busy.delay_s, busy.reason)
+                    _store_retry(self.queue.enqueue)(job_id, busy.delay_s, tenant=tenant.name)
+                    log.info("job %s (tenant %s) queued again in %gs: %s",
+                             job_id, tenant.name, busy.delay_s, busy.reason)
                 return
             status, data, error = JobStatus.FAILED, busy.error.data, _error(busy.error)
         finally:
@@ -148,7 +210,9 @@ class JobRunner:
             log.info("job %s ran again after its worker died; the first run's end stands", job_id)
             return
         metrics.job_finished(status, seconds)
-        log.info("job %s %s after %.2fs (attempt %d)", job_id, status.value, seconds, final.attempts)
+        metrics.tenant_job_finished(tenant.name, status, seconds)
+        log.info("job %s (tenant %s) %s after %.2fs (attempt %d)",
+                 job_id, tenant.name, status.value, seconds, final.attempts)
         if final.webhook is not None and settings.webhook_secrets:
             _store_retry(self.queue.enqueue_delivery)(job_id, 1, 0.0)
 

@@ -8,6 +8,7 @@ never a thread stuck for as long as Redis likes.
 Keys, all under `imagegen:`:
 - `job:{id}`: the record (JSON). No expiry while it may still run; GATEWAY_JOB_TTL_S once final.
 - `jobs:queued`: sorted set, id -> created_at: the queue's depth and its oldest job's age.
+- `jobs:queued:{tenant}`: the same, of one tenant's jobs (its depth).
 - channel `job-done:{id}`: published when the job ends (`Prefer: wait` listens).
 - channel `job-cancel`: the id of a running job to cancel (every worker listens).
 """
@@ -18,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -88,6 +89,10 @@ def bounded(
         ) from None
 
 
+def tenant_queued(tenant: str) -> str:
+    return f"{QUEUED}:{tenant}"
+
+
 def _job_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
 
@@ -127,17 +132,26 @@ class JobStore:
     def queue_depth(self) -> tuple[int, float | None]:
         """(jobs queued, age in seconds of the oldest one or None)."""
         with bounded(self.retry_after_s, "queue depth", self.failed):
-            while True:
-                with self.client.pipeline(transaction=False) as pipe:
-                    pipe.zcard(QUEUED)
-                    pipe.zrange(QUEUED, 0, 0, withscores=True)
-                    count, oldest = pipe.execute()
-                if not oldest or self.client.exists(_job_key(oldest[0][0].decode())):
-                    break
-                # Its record expired unconfirmed (UNCONFIRMED_S): no job waits there.
-                self.client.zrem(QUEUED, oldest[0][0])
-        age = max(0.0, time.time() - oldest[0][1]) if oldest else None
-        return int(count), age
+            count, oldest = self._live(QUEUED)
+        age = max(0.0, time.time() - oldest) if oldest is not None else None
+        return count, age
+
+    def tenant_depths(self, tenants: Iterable[str]) -> dict[str, int]:
+        """Jobs queued now of each of `tenants`."""
+        with bounded(self.retry_after_s, "tenant queue depth", self.failed):
+            return {tenant: self._live(tenant_queued(tenant))[0] for tenant in tenants}
+
+    def _live(self, key: str) -> tuple[int, float | None]:
+        """(members of a queued set, the oldest one's score), less those whose record expired
+        unconfirmed (UNCONFIRMED_S): no job waits there."""
+        while True:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.zcard(key)
+                pipe.zrange(key, 0, 0, withscores=True)
+                count, oldest = pipe.execute()
+            if not oldest or self.client.exists(_job_key(oldest[0][0].decode())):
+                return int(count), oldest[0][1] if oldest else None
+            self.client.zrem(key, oldest[0][0])
 
     def ping(self) -> bool:
         try:
@@ -152,7 +166,8 @@ class JobStore:
         with bounded(self.retry_after_s, "create", self.failed), self.client.pipeline(transaction=True) as pipe:
             pipe.set(_job_key(record.id), json.dumps(record.to_store()), nx=True, ex=unconfirmed_s)
             pipe.zadd(QUEUED, {record.id: record.created_at})
-            created, _ = pipe.execute()
+            pipe.zadd(tenant_queued(record.tenant), {record.id: record.created_at})
+            created, *_ = pipe.execute()
         if not created:  # 192 random bits: never, but never silently either
             raise RuntimeError(f"job id collision: {record.id}")
 
@@ -162,11 +177,12 @@ class JobStore:
         with bounded(self.retry_after_s, "confirm", self.failed):
             self.client.persist(_job_key(job_id))
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, record: JobRecord) -> None:
         """Undo `create` when the job could not be queued."""
         with bounded(self.retry_after_s, "forget", self.failed), self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(_job_key(job_id))
-            pipe.zrem(QUEUED, job_id)
+            pipe.delete(_job_key(record.id))
+            pipe.zrem(QUEUED, record.id)
+            pipe.zrem(tenant_queued(record.tenant), record.id)
             pipe.execute()
 
     def start(self, job_id: str) -> JobRecord | None:
@@ -193,8 +209,10 @@ class JobStore:
 
         requeued = self._update(job_id, change, dequeued=False)
         if requeued is not None:
-            with bounded(self.retry_after_s, "requeue", self.failed):
-                self.client.zadd(QUEUED, {job_id: requeued.created_at})
+            with bounded(self.retry_after_s, "requeue", self.failed), self.client.pipeline(transaction=True) as pipe:
+                pipe.zadd(QUEUED, {job_id: requeued.created_at})
+                pipe.zadd(tenant_queued(requeued.tenant), {job_id: requeued.created_at})
+                pipe.execute()
         return requeued
 
     def finish(
@@ -247,13 +265,16 @@ class JobStore:
     ) -> JobRecord | None:
         key = _job_key(job_id)
         result: list[JobRecord | None] = [None]
+        tenant: list[str | None] = [None]
 
         def transaction(pipe: redis.client.Pipeline) -> None:
             raw = pipe.get(key)
             result[0] = None
             if raw is None:
                 return
-            new = change(JobRecord.from_store(json.loads(raw)))
+            old = JobRecord.from_store(json.loads(raw))
+            tenant[0] = old.tenant
+            new = change(old)
             if new is None:
                 return
             pipe.multi()
@@ -264,14 +285,18 @@ class JobStore:
                 pipe.set(key, json.dumps(new.to_store()))
             if new.status is not JobStatus.QUEUED:
                 pipe.zrem(QUEUED, job_id)
+                pipe.zrem(tenant_queued(new.tenant), job_id)
             result[0] = new
 
         with bounded(self.retry_after_s, "update", self.failed):
             self.client.transaction(transaction, key)
         if result[0] is None and dequeued:
             # Whatever it was, it is no longer waiting to run.
-            with bounded(self.retry_after_s, "dequeue", self.failed):
-                self.client.zrem(QUEUED, job_id)
+            with bounded(self.retry_after_s, "dequeue", self.failed), self.client.pipeline(transaction=False) as pipe:
+                pipe.zrem(QUEUED, job_id)
+                if tenant[0] is not None:
+                    pipe.zrem(tenant_queued(tenant[0]), job_id)
+                pipe.execute()
         return result[0]
 
     # -- waiting -------------------------------------------------------------------------
@@ -306,12 +331,16 @@ def _canceled_error() -> dict[str, Any]:
 
 
 class QueueGauge:
-    """The queue's depth and oldest age for /metrics, read at most once per `max_age_s` per
-    process (scrapes of several Prometheus servers cost one read)."""
+    """The queue's depth and oldest age for /metrics, and the depth of each of `tenants` (those
+    of the tenants file: they bound the labels), read at most once per `max_age_s` per process
+    (scrapes of several Prometheus servers cost one read)."""
 
-    def __init__(self, store: JobStore, max_age_s: float = 1.0) -> None:
+    def __init__(
+        self, store: JobStore, max_age_s: float = 1.0, tenants: Iterable[str] = ()
+    ) -> None:
         self.store = store
         self.max_age_s = max_age_s
+        self.tenants = tuple(tenants)
         self._lock = threading.Lock()
         self._reading = QueueReading(None, None)
         self._read_at = -float("inf")
@@ -320,7 +349,10 @@ class QueueGauge:
         with self._lock:
             if time.monotonic() - self._read_at >= self.max_age_s:
                 try:
-                    self._reading = QueueReading(*self.store.queue_depth())
+                    depths = self.store.tenant_depths(self.tenants)
+                    self._reading = QueueReading(
+                        *self.store.queue_depth(), by_tenant=tuple(depths.items())
+                    )
                 except StoreUnavailable:
                     self._reading = QueueReading(None, None)
                 self._read_at = time.monotonic()

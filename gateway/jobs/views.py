@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from gateway.auth import api_owner
+from gateway.auth import api_owner, api_tenant
 from gateway.bodies import read_body
 from gateway.errors import InvalidRequest, NotFound
 from gateway.fields import parse_body
@@ -88,11 +88,13 @@ def create_job() -> Any:
     key = parse_key(request.headers.get(HEADER))
     store = svc.require_store()
     owner = api_owner()
+    tenant = api_tenant().name
 
     def create() -> tuple[int, Any, dict[str, str]]:
         record = JobRecord(
             id=new_job_id(),
             owner=owner,
+            tenant=tenant,
             status=JobStatus.QUEUED,
             created_at=time.time(),
             request=payload,
@@ -100,10 +102,10 @@ def create_job() -> Any:
         )
         store.jobs.create(record, unconfirmed_s=UNCONFIRMED_S)
         try:
-            store.queue.enqueue(record.id)
+            store.queue.enqueue(record.id, tenant=tenant)
             store.jobs.confirm(record.id)
         except BaseException:
-            store.jobs.forget(record.id)
+            store.jobs.forget(record)
             raise
         svc.metrics.job_created()
         return 202, to_json(record.public()), {"Location": record.public().urls.get}

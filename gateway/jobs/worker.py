@@ -1,8 +1,9 @@
 """The job worker: `python -m gateway.jobs.worker`, one process of GATEWAY_WORKER_THREADS threads
 that run jobs from the store's queue and deliver their webhooks.
 
-It reads the same GATEWAY_* settings as the gateway (Triton, uploads, the store, webhooks), and
-serves its metrics on GATEWAY_WORKER_METRICS_PORT. SIGTERM (or SIGINT): it takes no more jobs,
+It reads the same GATEWAY_* settings as the gateway (Triton, uploads, the store, webhooks, the
+tenants file: it consumes the queue of each tenant there, in turns), and serves its metrics on
+GATEWAY_WORKER_METRICS_PORT. SIGTERM (or SIGINT): it takes no more jobs,
 gives back the ones it fetched but has not started, and finishes the ones it runs (within the job
 deadline plus the uploads' time), then exits 0.
 """
@@ -17,7 +18,6 @@ import sys
 import threading
 from types import FrameType
 
-import dramatiq
 from prometheus_client import start_http_server
 
 from gateway.jobs.delivery import WebhookDeliverer
@@ -28,6 +28,7 @@ from gateway.logs import logging_config
 from gateway.metrics import Metrics
 from gateway.services import Services
 from gateway.settings import PREFIX, Settings, SettingsError
+from gateway.tenants.tenant import Tenants
 
 log = logging.getLogger("gateway.jobs.worker")
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(os.environ)
         if settings.redis_url is None:
             raise SettingsError(f"the job worker needs {PREFIX}REDIS_URL")
+        tenants = Tenants.from_settings(settings)
     except SettingsError as exc:
         print(f"gateway.jobs.worker: {exc}", file=sys.stderr)
         return 2
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         failed=metrics.store_failed,
     )
     watcher = CancelWatcher(store.jobs).start()
-    runner = JobRunner(services, store.jobs, queue, watcher)
+    runner = JobRunner(services, store.jobs, queue, watcher, tenants)
     queue.handlers.run_job = runner.run
     queue.handlers.deliver_webhook = WebhookDeliverer(services, store.jobs, queue).deliver
 
@@ -70,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    worker = dramatiq.Worker(queue.broker, worker_threads=settings.worker_threads)
-    # Fetch no more than it can run: a job waiting in one worker's memory is a job another
-    # worker could be running, and a SIGKILL would delay it by GATEWAY_WORKER_REQUEUE_S.
-    worker.queue_prefetch = settings.worker_threads
+    # Fetch little more than it can run (one waiting message per queue, for its turn): a job
+    # waiting in one worker's memory is a job another worker could be running, and a SIGKILL
+    # would delay it by GATEWAY_WORKER_REQUEUE_S.
+    worker = queue.worker(runner.queue_tenants, settings.worker_threads)
     heartbeat = threading.Thread(
         target=queue.heartbeat,
         args=(stopping, settings.worker_requeue_s / 4),
@@ -83,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.start()
     heartbeat.start()
     log.info(
-        "worker started: %d threads, metrics on %s",
+        "worker started: %d threads, the queues of tenants %s, metrics on %s",
         settings.worker_threads,
+        ", ".join(runner.queue_tenants),
         settings.worker_metrics_port or "no port",
     )
     stopping.wait()

@@ -10,13 +10,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import dramatiq
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
 from embedded.triton import TritonServer
-from gateway.jobs.queue import JOBS
 from gateway.jobs.runner import CancelWatcher, JobRunner
 from gateway.jobs.store import QUEUED
 from gateway.services import Services, Store
@@ -90,9 +88,11 @@ def records(app: Flask) -> list[str]:
 
 
 def queue_size(app: Flask) -> int:
-    """Dramatiq's count of the jobs queue: messages waiting plus those taken and not yet
-    acknowledged (so 0 means every job sent was run to its end)."""
-    return int(store(app).queue.broker.do_qsize(JOBS))
+    """Dramatiq's count of the job queues (the plain one and each tenant's): messages waiting
+    plus those taken and not yet acknowledged (so 0 means every job sent was run to its end)."""
+    queue = store(app).queue
+    tenants = [t.name for t in app.extensions["gateway_tenants"].all]
+    return queue.depth() + sum(queue.depth(tenant) for tenant in tenants)
 
 
 def runner(app: Flask) -> JobRunner:
@@ -113,9 +113,8 @@ class InProcessWorker:
         self.runner = JobRunner(svc, jobs.jobs, jobs.queue, self.watcher)
         jobs.queue.handlers.run_job = self.runner.run
         # A short fetch timeout: a stopping worker notices within 0.1 s.
-        self.worker = dramatiq.Worker(jobs.queue.broker, worker_threads=threads, worker_timeout=100)
-        self.worker.queue_prefetch = threads
-        self.broker = jobs.queue.broker
+        self.worker = jobs.queue.worker(self.runner.queue_tenants, threads, worker_timeout=100)
+        self.app = app
 
     def start(self) -> InProcessWorker:
         self.watcher.start()
@@ -128,7 +127,7 @@ class InProcessWorker:
 
     def drained(self) -> None:
         """Returns once every job sent has been run and acknowledged."""
-        poll(lambda: self.broker.do_qsize(JOBS) == 0, "the worker ran every queued job")
+        poll(lambda: queue_size(self.app) == 0, "the worker ran every queued job")
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from embedded.s3 import LocalS3
 from embedded.triton import TritonServer
 from gateway import Settings
-from gateway.jobs.queue import JOBS, WEBHOOKS
+from gateway.jobs.queue import WEBHOOKS, tenant_queue
 from gateway.jobs.runner import CancelWatcher
 from tests.gateway.faults import FaultServer
 from tests.gateway.jobs.helpers import (
@@ -170,12 +170,13 @@ def test_a_job_triton_has_no_room_for_waits_its_turn_again_until_its_deadline(
     client = app.test_client()
     job_id = client.post("/jobs", json=body(s3.presign_put("runner/no-room/1.png"))).json["id"]
     broker = store(app).queue.broker
-    delayed = int(broker.do_qsize(f"{JOBS}.DQ"))
+    delay_queue = f"{tenant_queue(job_of(client, job_id)['tenant'])}.DQ"  # its tenant's
+    delayed = int(broker.do_qsize(delay_queue))
     runner(app).run(job_id)
     job = job_of(client, job_id)
     assert job["status"] == "queued" and job["started_at"] is None, job
     assert job_id in queued_ids(app)
-    assert int(broker.do_qsize(f"{JOBS}.DQ")) == delayed + 1  # sent again, in retry_after_s
+    assert int(broker.do_qsize(delay_queue)) == delayed + 1  # sent again, in retry_after_s
 
     # Once another try could not end before the job's deadline, it fails with /generate's answer.
     late = make_app(away.replace(job_deadline_s=1.0))

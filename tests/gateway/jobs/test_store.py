@@ -165,7 +165,7 @@ def test_cancel_by_another_owner_or_of_an_unknown_job_is_none_and_changes_nothin
 
 def test_forget_undoes_create(jobs: JobStore) -> None:
     record = queued(jobs)
-    jobs.forget(record.id)
+    jobs.forget(record)
     assert jobs.get(record.id) is None and in_queue(jobs) == set()
 
 
