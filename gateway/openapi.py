@@ -19,6 +19,7 @@ from gateway.moderate import ModerateData, moderate_fields
 from gateway.readiness import PublicReadiness, Readiness
 from gateway.schema import ref, schemas
 from gateway.settings import Settings
+from gateway.tenants.quotas import POLICY, WINDOW_S
 
 _SPEC_EXAMPLE = {
     "prompt": "positive prompt",
@@ -71,20 +72,20 @@ _QUOTAS_UNREACHABLE = (
     "With GATEWAY_QUOTA_FAIL_OPEN=false, also while the quotas' store (Redis) cannot be "
     "reached (with true, the default, the request is admitted unchecked)."
 )
-# IETF httpapi draft-ietf-httpapi-ratelimit-headers: the quota policy and what is left of it.
+# draft-ietf-httpapi-ratelimit-headers: the quota policy and what is left of it.
 _RATE_LIMIT_HEADERS = {
     "RateLimit-Policy": {
-        "description": "The tenant's rate limit, sent on every answer to a tenant with a "
-        "requests_per_minute: `\"<policy>\";q=<requests>;w=<window seconds>` (a Structured "
-        "Field list, per the IETF httpapi RateLimit header fields draft).",
+        "description": "The tenant's rate limit, on every answer but 401 to a tenant with a "
+        f"requests_per_minute: `\"{POLICY}\";q=<requests_per_minute>;w={WINDOW_S}` (a "
+        "Structured Field list, per the IETF httpapi RateLimit header fields draft).",
         "schema": {"type": "string"},
-        "example": '"storefront";q=120;w=60',
+        "example": f'"{POLICY}";q=120;w={WINDOW_S}',
     },
     "RateLimit": {
-        "description": "What is left of it: `\"<policy>\";r=<remaining>;t=<seconds until "
-        "the window frees a request>`.",
+        "description": f"What is left of it: `\"{POLICY}\";r=<requests remaining>;t=<seconds "
+        "until the oldest counted request leaves the window>`.",
         "schema": {"type": "string"},
-        "example": '"storefront";r=0;t=12',
+        "example": f'"{POLICY}";r=0;t=12',
     },
 }
 
@@ -203,17 +204,18 @@ def build_openapi(settings: Settings, limits: GenerationLimits | None = None) ->
     rate_limit = {name: {"$ref": f"#/components/headers/{name}"} for name in _RATE_LIMIT_HEADERS}
 
     def error(description: str, status: str, *, limited: bool = False) -> dict[str, Any]:
-        """`limited`: an endpoint under the tenants' rate limit, whose 429 carries its fields."""
+        """`limited`: an endpoint under the tenants' rate limit, whose answers carry its
+        fields."""
         response: dict[str, Any] = {
             "description": description,
             "content": {"application/json": {"schema": ref(ErrorBody)}},
         }
         if status in ("409", "429", "503"):
             response["headers"] = retry_after
-        if status == "429" and limited:
-            response["headers"] = {**retry_after, **rate_limit}
         if status == "401":
             response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        elif limited:  # counted before the body is read: every answer after the key's check
+            response["headers"] = {**response.get("headers", {}), **rate_limit}
         return response
 
     return {
