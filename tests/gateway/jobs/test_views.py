@@ -38,7 +38,7 @@ from tests.gateway.jobs.helpers import (
 from tests.gateway.test_metrics import value
 from tests.models.helpers import diffusion_held, diffusion_idle, diffusion_steps
 
-JOB_FIELDS = ["id", "status", "created_at", "started_at", "completed_at", "data", "error", "urls"]
+JOB_FIELDS = ["id", "tenant", "status", "created_at", "started_at", "completed_at", "data", "error", "urls"]
 JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{32}")
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
