@@ -20,6 +20,8 @@ from gateway.metrics import Metrics
 from gateway.readiness import ReadinessCache
 from gateway.services import Services
 from gateway.settings import Settings, SettingsError
+from gateway.tenants.admission import admit_tenants
+from gateway.tenants.quotas import unenforceable
 from gateway.tenants.tenant import Tenants
 
 
@@ -35,7 +37,9 @@ def create_app(config: Settings | None = None) -> Flask:
     logging.getLogger("gateway").setLevel(settings.log_level)
 
     metrics = Metrics(settings.metrics_dir)
-    app.extensions["gateway_tenants"] = Tenants.from_settings(settings)
+    tenants = app.extensions["gateway_tenants"] = Tenants.from_settings(settings)
+    unenforceable(settings, tenants.all)
+    metrics.tenants_known(tenant.name for tenant in tenants.all)
     app.extensions["gateway"] = Services.build(settings, metrics)
     app.extensions["gateway_readiness"] = ReadinessCache(
         app.extensions["gateway"], settings.ready_cache_s
@@ -45,10 +49,18 @@ def create_app(config: Settings | None = None) -> Flask:
         tenant_names = [t.name for t in app.extensions["gateway_tenants"].all]
         app.extensions["gateway_queue_reading"] = QueueGauge(store.jobs, tenants=tenant_names)
     register_error_handlers(app)
-    # In this order: a refused request still gets its request id, and an anonymous one never
-    # takes an in-flight slot.
+    # In this order: a refused request still gets its request id, an anonymous one never counts
+    # against a quota, and one over its tenant's quota never takes an in-flight slot.
     track_request_ids(app)
-    require_api_key(app, app.extensions["gateway_tenants"])
+    require_api_key(app, tenants)
+    admit_tenants(
+        app,
+        quotas=store.quotas if store is not None else None,
+        metrics=metrics,
+        lease_s=settings.longest_request_s,
+        fail_open=settings.quota_fail_open,
+        retry_after_s=settings.retry_after_s,
+    )
     limit_in_flight(
         app, limit=settings.max_in_flight, retry_after_s=settings.retry_after_s, metrics=metrics
     )

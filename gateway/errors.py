@@ -25,9 +25,10 @@ class ErrorDetail:
     code: str = described(
         "What went wrong, for programs: invalid_request, unauthorized, not_found, "
         "method_not_allowed, payload_too_large, unsupported_media_type, overloaded, "
-        "idempotency_key_in_use, idempotency_key_mismatch, canceled (a job's error), "
-        "upload_failed, upstream_error, unavailable, deadline_exceeded, internal_error; from "
-        "the front door in front of the gateway also uri_too_long, headers_too_large, "
+        "rate_limited (the tenant's requests_per_minute), concurrency_limited (the tenant's "
+        "max_concurrent), idempotency_key_in_use, idempotency_key_mismatch, canceled (a job's "
+        "error), upload_failed, upstream_error, unavailable, deadline_exceeded, internal_error; "
+        "from the front door in front of the gateway also uri_too_long, headers_too_large, "
         "too_many_connections."
     )
     message: str = described("What went wrong, for people.")
@@ -92,6 +93,19 @@ class Overloaded(GatewayError):
     """Triton's queue, or this process's in-flight bound, is full: retry a little later."""
 
     status, code = 429, "overloaded"
+
+
+class RateLimited(Overloaded):
+    """The tenant made its requests_per_minute in the last 60 s (every gateway's count)."""
+
+    code = "rate_limited"
+
+
+class ConcurrencyLimited(Overloaded):
+    """The tenant has max_concurrent generations in flight already (every gateway's and job
+    worker's)."""
+
+    code = "concurrency_limited"
 
 
 class Unavailable(GatewayError):

@@ -43,6 +43,9 @@ _SECRETS = [
 _LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# Where a request's tenant name waits for gunicorn's access line (its `{...}e` atoms are the
+# WSGI environ's entries): the name from the tenants file, never the key.
+TENANT_ENVIRON = "gateway.tenant"
 # gunicorn's access-log atoms worth a field each. Never the whole atom dict: it holds every
 # request header, Authorization included.
 _ACCESS_ATOMS = {
@@ -53,6 +56,7 @@ _ACCESS_ATOMS = {
     "M": "duration_ms",
     "h": "remote",
     "{x-request-id}o": "request_id",
+    f"{{{TENANT_ENVIRON}}}e": "tenant",
 }
 
 

@@ -59,6 +59,8 @@ _SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 Stage = Literal["triton", "encode", "hash", "upload", "total"]
 Signal = Literal["deepfake", "nsfw"]
 NsfwEndpoint = Literal["generate", "moderate"]
+# What a tenant's quotas did with a request to a limited endpoint (POST /generate, POST /jobs).
+TenantOutcome = Literal["admitted", "rate_limited", "concurrency_limited"]
 
 # The fixed vocabularies, created at zero so that the first failure after a restart is a visible
 # increase (Prometheus cannot see the step to a series' first value) and ratios exist at once.
@@ -268,6 +270,36 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        # Per tenant: the label is a name from the tenants file (or default, anonymous), never
+        # anything of the request, so the series are as many as the file's tenants.
+        self._tenant_requests = Counter(
+            "gateway_tenant_requests",
+            "Requests to POST /generate and POST /jobs by tenant and what its quotas did with "
+            f"them ({_words(get_args(TenantOutcome))}).",
+            ["tenant", "outcome"],
+            registry=self.registry,
+        )
+        self._tenant_in_flight = Gauge(
+            "gateway_tenant_in_flight",
+            "Synchronous generations (/generate) of each tenant this process is working on.",
+            ["tenant"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self._tenant_generation = Histogram(
+            "gateway_tenant_generation_seconds",
+            "Time to answer a tenant's successful synchronous generation (/generate, 200), from "
+            "its admission.",
+            ["tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._quota_unchecked = Counter(
+            "gateway_quota_unchecked",
+            "Requests admitted without their tenant's quotas checked: Redis did not answer and "
+            "GATEWAY_QUOTA_FAIL_OPEN is true.",
+            registry=self.registry,
+        )
         self._deepfake_checks = Counter(
             "gateway_deepfake_checks",
             f"Deepfake checks, by status ({_words(DeepfakeStatus)}); every status but ok and "
@@ -380,6 +412,31 @@ class Metrics:
 
     def moderation_ended(self) -> None:
         self._moderate_in_flight.dec()
+
+    def tenants_known(self, names: Iterable[str]) -> None:
+        """Create every tenant's series at zero (the tenants file's names bound them)."""
+        for name in names:
+            for outcome in get_args(TenantOutcome):
+                self._tenant_requests.labels(name, outcome)
+            self._tenant_in_flight.labels(name)
+            self._tenant_generation.labels(name)
+
+    def tenant_request(self, tenant: str, outcome: TenantOutcome) -> None:
+        """A request to a limited endpoint, by what the tenant's quotas did with it."""
+        self._tenant_requests.labels(tenant, outcome).inc()
+
+    def tenant_generation_started(self, tenant: str) -> None:
+        self._tenant_in_flight.labels(tenant).inc()
+
+    def tenant_generation_ended(self, tenant: str, seconds: float | None) -> None:
+        """A synchronous generation left; `seconds` only for one that succeeded."""
+        self._tenant_in_flight.labels(tenant).dec()
+        if seconds is not None:
+            self._tenant_generation.labels(tenant).observe(seconds)
+
+    def quota_unchecked(self) -> None:
+        """A request admitted with Redis away (gateway_quota_unchecked_total)."""
+        self._quota_unchecked.inc()
 
     @contextmanager
     def stage(self, name: Stage) -> Iterator[None]:

@@ -17,17 +17,20 @@ from gateway.metrics import Metrics
 from gateway.nvidia.deepfake import DeepfakeClient, deepfake_unavailable
 from gateway.retry import RetryPolicy
 from gateway.settings import PREFIX, Settings
+from gateway.tenants.quotas import Quotas
 from gateway.triton.client import TritonGateway
 from gateway.upload.uploader import Uploader
 
 
 @dataclass(frozen=True)
 class Store:
-    """Redis, shared by every gateway and worker: jobs, their queue, Idempotency-Key records."""
+    """Redis, shared by every gateway and worker: jobs, their queue, Idempotency-Key records,
+    the tenants' quotas."""
 
     jobs: JobStore
     idempotency: IdempotencyStore
     queue: JobQueue
+    quotas: Quotas
 
     @classmethod
     def from_settings(
@@ -59,6 +62,7 @@ class Store:
                 retry_after_s=retry_after,
                 failed=metrics.store_failed,
             ),
+            quotas=Quotas(client, settings.redis_url),
         )
 
 

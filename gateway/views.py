@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from gateway.auth import api_owner, is_api_client
+from gateway.auth import api_owner, api_tenant, is_api_client
 from gateway.bodies import read_body
 from gateway.errors import UploadFailed
 from gateway.fields import parse_body
@@ -17,7 +17,6 @@ from gateway.openapi import build_openapi
 from gateway.readiness import PublicReadiness
 from gateway.schema import to_json
 from gateway.services import Services
-from gateway.triton.contract import Priority
 
 bp = Blueprint("gateway", __name__)
 
@@ -32,10 +31,12 @@ def generate_image() -> Any:
     payload = parse_body(read_body(svc.settings.max_body_bytes), request.content_type)
     req = check_inputs(payload, svc.settings, svc.limits.current())
     key = parse_key(request.headers.get(HEADER))  # after validation: a 400 stores nothing
+    # The tenant's level: an interactive tenant's caller goes ahead of batch work in Triton's
+    # queue (jobs, and batch tenants' /generate).
+    priority = api_tenant().priority
 
     def run() -> Answer:
-        # A caller waits on this answer: ahead of the jobs' batch work in Triton's queue.
-        result = generate(svc, req, priority=Priority.INTERACTIVE)
+        result = generate(svc, req, priority=priority)
         if result.upload is not None and not result.upload.ok:
             # The image exists and may even be stored; the client still gets hash, score, status.
             raise UploadFailed(result.upload.describe(), data=to_json(result.data))
