@@ -32,6 +32,7 @@ from embedded.front_door import (
 from embedded.triton import DEFAULT_REPOSITORY as MODEL_REPOSITORY
 from embedded.triton import PROJECT_ROOT as ROOT
 from gateway.settings import PREFIX, Settings, SettingsError
+from gateway.tenants.tenant import Tenants
 from harness.tools import checkov, kubectl, kubernetes_validate
 
 KUBERNETES_DIR = ROOT / "deploy" / "kubernetes"
@@ -293,6 +294,44 @@ def gateway_problems(rendered: Rendered) -> list[str]:
             problems.append(
                 f"GATEWAY_API_KEYS_FILE {settings.api_keys_file} is not on a required Secret"
             )
+    return problems
+
+
+def tenants_problems(rendered: Rendered) -> list[str]:
+    """GATEWAY_TENANTS_FILE on a ConfigMap in the gateway and the worker (it holds digests, no
+    key), and that ConfigMap's file a tenants file the gateway starts with."""
+    try:
+        settings = Settings.from_env(gateway_environment(rendered))
+    except SettingsError:
+        return []  # gateway_problems says why
+    if settings.tenants_file is None:
+        return []
+    problems: list[str] = []
+    found_data: dict[str, str] = {}
+    for name, container in (("imagegen-gateway", "gateway"), ("imagegen-worker", "worker")):
+        found = _volume_mount(rendered.get("Deployment", name), settings.tenants_file, container)
+        if not found or "configMap" not in found[1] or found[1]["configMap"].get("optional"):
+            problems.append(f"GATEWAY_TENANTS_FILE {settings.tenants_file} is not on a required "
+                            f"ConfigMap in the {container}")
+            continue
+        mount, volume = found
+        relative = settings.tenants_file.removeprefix(mount["mountPath"].rstrip("/") + "/")
+        data = rendered.get("ConfigMap", volume["configMap"]["name"]).get("data", {})
+        if relative not in data:
+            problems.append(f"the {container}'s ConfigMap has no {relative}")
+            continue
+        found_data[container] = data[relative]
+    for container, text in found_data.items():
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "tenants.toml"
+            path.write_text(text)
+            try:
+                # The file alone: the API keys are a Secret's, not in the repository.
+                Tenants.from_settings(
+                    settings.replace(api_keys=(), api_keys_file=None, tenants_file=str(path))
+                )
+            except SettingsError as exc:
+                problems.append(f"the {container} would not start: {exc}")
     return problems
 
 
@@ -606,6 +645,7 @@ def network_problems(rendered: Rendered) -> list[str]:
 def consistency_problems(rendered: Rendered, tree: Path, shape: str) -> list[str]:
     checks = (
         gateway_problems(rendered),
+        tenants_problems(rendered),
         triton_problems(rendered, shape),
         autoscaling_problems(rendered, tree),
         scrape_problems(rendered),

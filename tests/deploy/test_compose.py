@@ -30,6 +30,7 @@ from embedded.front_door import (
 )
 from embedded.triton import DEFAULT_REPOSITORY
 from gateway.settings import Settings
+from gateway.tenants.tenant import Tenants
 from tests.deploy.tools import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,3 +234,20 @@ def test_the_gateway_s_settings_start_gunicorn(services: dict[str, Any]) -> None
     gateway = {k: str(v) for k, v in environment.items() if k.startswith("GATEWAY_")}
     settings = Settings.from_env(gateway)
     assert settings.threads_problem() is None, settings.threads_problem()
+
+
+def test_the_gateway_and_the_worker_read_the_same_tenants_file(services: dict[str, Any]) -> None:
+    """GATEWAY_TENANTS_FILE is mounted, read-only, into both (a running job holds its tenant's
+    max_concurrent too), from the file the Kubernetes ConfigMap holds, which parses."""
+    mounted = set()
+    for name in ("gateway", "worker"):
+        settings = Settings.from_env({k: str(v) for k, v in services[name]["environment"].items()})
+        assert settings.tenants_file
+        [volume] = [v for v in services[name]["volumes"] if v.split(":")[1] == settings.tenants_file]
+        source, _, mode = volume.split(":")
+        assert mode == "ro"
+        mounted.add(Path(source))
+    assert mounted == {ROOT / "deploy" / "tenants" / "tenants.toml"}
+    assert (ROOT / "deploy" / "tenants").resolve() == ROOT / "deploy" / "kubernetes" / "base" / "tenants"
+    tenants = Tenants.from_settings(Settings(tenants_file=str(mounted.pop())))
+    assert {t.name for t in tenants.all} and tenants.keyed

@@ -43,12 +43,13 @@ def test_each_shape_deploys_the_whole_service(
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
     config_maps = [k for k in kinds if k.startswith("ConfigMap/")]
     # The gateway's settings (the workers' too), its front door's, the front door's nginx
-    # files, Redis's configuration; hashed: each rolls its pods when it changes.
+    # files, Redis's configuration, the tenants file; hashed: each rolls its pods when it changes.
     assert [re.sub(r"-[a-z0-9]{10}$", "", k) for k in config_maps] == [
         "ConfigMap/imagegen-front-door",
         "ConfigMap/imagegen-front-door-nginx",
         "ConfigMap/imagegen-gateway",
         "ConfigMap/imagegen-redis",
+        "ConfigMap/imagegen-tenants",
     ], config_maps
     assert kinds == sorted(
         [
@@ -225,6 +226,20 @@ BROKEN: dict[str, tuple[str, str, str, Callable[[kube.Rendered, Path], list[str]
         "              path: /healthz\n              port: 8000",
         _consistency,
         "gateway livenessProbe is not /healthz on the front door's probe port",
+    ),
+    "tenants file with a misspelt field": (
+        "base/tenants/tenants.toml",
+        "requests_per_minute = 120",
+        "request_per_minute = 120",
+        _consistency,
+        "unknown field 'request_per_minute'",
+    ),
+    "tenants file not mounted in the worker": (
+        "base/worker/deployment.yaml",
+        "              mountPath: /etc/imagegen/tenants\n",
+        "              mountPath: /etc/imagegen/tenant\n",
+        _consistency,
+        "is not on a required ConfigMap in the worker",
     ),
     "image tag that no Dockerfile makes": (
         "base/gateway/deployment.yaml",
