@@ -67,11 +67,11 @@ class Turns(PriorityQueue):  # type: ignore[type-arg]  # Dramatiq's work queue o
     def __init__(self, threads: int) -> None:
         self.threads = threads
         super().__init__()
+        self._taken = threading.Condition(self.mutex)  # the queue's own lock, once it has one
 
     def _init(self, maxsize: int) -> None:
         self._by_queue: dict[str, deque[Any]] = {}
         self._turns: deque[str] = deque()  # the queues with a message waiting, next first
-        self._taken = threading.Condition(self.mutex)
 
     def _qsize(self) -> int:
         return sum(len(waiting) for waiting in self._by_queue.values())
