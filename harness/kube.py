@@ -321,6 +321,14 @@ def tenants_problems(rendered: Rendered) -> list[str]:
             problems.append(f"the {container}'s ConfigMap has no {relative}")
             continue
         found_data[container] = data[relative]
+    worker = _container(rendered.get("Deployment", "imagegen-worker"), "worker")
+    worker_env = {**gateway_environment(rendered), **{
+        e["name"]: e.get("value", "placeholder-from-a-secret") for e in worker.get("env", [])}}
+    keys_file = Settings.from_env(worker_env).api_keys_file
+    if keys_file and not _volume_mount(rendered.get("Deployment", "imagegen-worker"), keys_file,
+                                       "worker"):
+        # The worker reads its tenants, the settings keys' `default` with them, at start.
+        problems.append(f"the worker would read GATEWAY_API_KEYS_FILE {keys_file}, not mounted")
     for container, text in found_data.items():
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "tenants.toml"

@@ -241,6 +241,13 @@ BROKEN: dict[str, tuple[str, str, str, Callable[[kube.Rendered, Path], list[str]
         _consistency,
         "is not on a required ConfigMap in the worker",
     ),
+    "worker left reading the gateways' key file": (
+        "base/worker/deployment.yaml",
+        "            - name: GATEWAY_API_KEYS_FILE\n              value: \"\"\n",
+        "",
+        _consistency,
+        "the worker would read GATEWAY_API_KEYS_FILE",
+    ),
     "image tag that no Dockerfile makes": (
         "base/gateway/deployment.yaml",
         "image: imagegen-gateway:0.1.0-py3.11",
