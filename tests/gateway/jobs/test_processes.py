@@ -41,7 +41,9 @@ from embedded.process import ManagedProcess, free_port
 from embedded.redis import PERSISTENCE, JobWorker, RedisServer
 from embedded.s3 import LocalS3
 from embedded.triton import PROJECT_ROOT, TritonServer
+from gateway.jobs.queue import JOBS, NAMESPACE, tenant_queue
 from gateway.jobs.store import QUEUED, UNCONFIRMED_S
+from gateway.tenants.tenant import DEFAULT
 from tests.gateway.faults import FaultServer
 from tests.gateway.process import GunicornGateway, request
 from tests.models.helpers import DIFFUSION, diffusion_held, diffusion_pending, metric, settled
@@ -433,14 +435,15 @@ def test_queued_jobs_survive_a_redis_restart_and_run_afterwards(cluster: Cluster
     ids = {job["id"] for job in jobs}
     client = cluster.store
     assert ids <= cluster.queued_ids()
-    assert client.llen("imagegen-queue:jobs") == 3  # Dramatiq's messages
+    # Dramatiq's messages, in the queue of the keys' tenant (`default`)
+    assert client.llen(f"{NAMESPACE}:{tenant_queue(DEFAULT)}") == 3
     for job_id in ids:  # confirmed: they wait as long as it takes
         assert client.ttl(f"imagegen:job:{job_id}") == -1
     cluster.redis.stop()  # SIGTERM: Redis writes its AOF out and exits
     cluster.redis.launch()  # same port, same directory
     for job in jobs:  # the records...
         assert cluster.get(b, job["id"])["status"] == "queued"
-    assert client.llen("imagegen-queue:jobs") == 3  # ...and the queue's messages
+    assert client.llen(f"{NAMESPACE}:{tenant_queue(DEFAULT)}") == 3  # ...and the messages
     cluster.ensure_workers(1)
     for job in jobs:
         done = cluster.finished(job["id"], a)
@@ -547,7 +550,8 @@ def test_every_job_made_here_ended_as_it_should(cluster: Cluster) -> None:
         if job["status"] == "succeeded":
             cluster.assert_stored(job)
     client = cluster.store
-    assert client.llen("imagegen-queue:jobs") == 0  # no message left behind
+    for queue in (JOBS, tenant_queue(DEFAULT)):
+        assert client.llen(f"{NAMESPACE}:{queue}") == 0  # no message left behind
     # Records of creates that Redis applied after a 503 expire unconfirmed...
     poll(lambda: not cluster.unknown_jobs(), "unconfirmed records expire", UNCONFIRMED_S + 30)
     # ...and the queue's depth that the gateways report (the autoscaler's and the alerts')

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import dramatiq
 import pytest
 
-from gateway.jobs.queue import JOBS, NAMESPACE, WEBHOOKS, JobQueue
+from gateway.jobs.queue import JOBS, NAMESPACE, WEBHOOKS, JobQueue, Turns
 from gateway.jobs.store import StoreUnavailable, connect
 from tests.gateway.jobs.helpers import WAIT_S, poll
 
@@ -85,3 +87,36 @@ def test_a_queue_whose_redis_refuses_is_store_unavailable(closed_port: int) -> N
             call()
         assert time.monotonic() - started < TIMEOUT_S + SLACK_S
     assert len(failures) == 3
+
+
+def test_a_workers_threads_take_fetched_messages_one_queue_after_another() -> None:
+    @dataclass(frozen=True)
+    class Fetched:  # what Dramatiq's consumers put: an item whose message names its queue
+        message: SimpleNamespace
+
+    def fetched(queue_name: str, n: int) -> Fetched:
+        return Fetched(SimpleNamespace(queue_name=queue_name, n=n))
+
+    turns = Turns(threads=4)
+    for n in range(3):
+        turns.put(fetched("jobs.a", n))
+    turns.put(fetched("jobs.b", 0))
+    # a's flood was fetched first; b's job still comes second, not fourth.
+    order = [(m.queue_name, m.n) for m in (turns.get_nowait().message for _ in range(4))]
+    assert order == [("jobs.a", 0), ("jobs.b", 0), ("jobs.a", 1), ("jobs.a", 2)]
+
+
+def test_a_queue_fetches_again_only_once_its_waiting_message_is_taken() -> None:
+    turns = Turns(threads=4)
+    item = SimpleNamespace(message=SimpleNamespace(queue_name="jobs.a"))
+    assert turns.room("jobs.a", 4, 0.0) == 4  # idle: as many as there are threads
+    turns.put(item)
+    assert turns.room("jobs.a", 4, 0.0) == 0  # one waits: not its turn to fetch
+    assert turns.room("jobs.b", 4, 0.0) == 3  # another queue may: 3 threads idle
+    turns.get_nowait()  # a thread takes it (and runs it)
+    assert turns.room("jobs.a", 4, 0.0) == 3
+    for _ in range(4):
+        turns.put(SimpleNamespace(message=SimpleNamespace(queue_name="jobs.b")))
+    turns.get_nowait()
+    # Every thread busy or spoken for: a queue with none waiting may still fetch one, for its turn.
+    assert turns.room("jobs.a", 4, 0.0) == 1
