@@ -1,8 +1,8 @@
 """The quotas at the door of one app, on a real Redis: which requests count, the RateLimit
 fields on every answer of a limited tenant, the 429s' codes, the lease given back however the
 request ends, the metrics, and what happens when Redis is stopped (open: admitted and counted as
-unchecked, one warning; closed: 503) or was never configured (the gateway refuses to start).
-Across real gateways: test_two_gateways.py."""
+unchecked, one warning; closed: 503) or was never configured (the gateway refuses to start); a tenant's /generate at its Triton
+priority. Across real gateways: test_two_gateways.py."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from gateway.settings import SettingsError
 from gateway.tenants.concurrency import Concurrency
 from gateway.tenants.quotas import POLICY
 from gateway.tenants.tenant import Tenant, key_sha256
+from gateway.triton.contract import Priority
 
 RATED_KEY = "rated-" + "r" * 24
 PAIR_KEY = "pair-" + "p" * 24
@@ -207,3 +208,37 @@ def test_quotas_without_redis_refuse_to_start(
                                   default_max_concurrent=1))
     # Without quotas, no Redis is needed.
     make_app(settings.replace(redis_url=None, tenants_file=None, api_keys=(FREE_KEY,)))
+
+
+def test_a_tenants_generations_go_to_triton_at_its_priority(
+    make_app: Callable[[Settings], Flask],
+    triton_settings: Settings,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "tenants.toml"
+    path.write_text(
+        f'[[tenant]]\nname = "night"\nkey_sha256 = ["{key_sha256(RATED_KEY)}"]\n'
+        'priority = "batch"\n',
+        "utf-8",
+    )
+    app = make_app(triton_settings.replace(
+        tenants_file=str(path), api_keys=(FREE_KEY,), redis_url=redis_url
+    ))
+    triton = app.extensions["gateway"].triton
+    seen: list[Priority | None] = []
+    real = triton.generate
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("priority"))  # type: ignore[arg-type]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton, "generate", spy)
+    body = {"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 1,
+            "upscale": False, "enable_nsfw_check": False, "response_format": "b64_json"}
+    client = app.test_client()
+    for key in (RATED_KEY, FREE_KEY):
+        answer = client.post("/generate", json=body, headers=bearer(key))
+        assert answer.status_code == 200, answer.json
+    assert seen == [Priority.BATCH, Priority.INTERACTIVE]
