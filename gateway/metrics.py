@@ -606,7 +606,6 @@ class Metrics:
         self._tenant_job_seconds.labels(tenant).observe(seconds)
 
 
-
 @dataclass(frozen=True)
 class QueueReading:
     """The job queue at one scrape: None when the store did not answer."""

@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from gateway.settings import PREFIX, Settings, SettingsError, parse_api_keys, parse_priority
 from gateway.triton.contract import Priority
@@ -152,17 +153,17 @@ def _read_file(path: Path) -> list[tuple[Tenant, list[bytes]]]:
     entries = document.get("tenant", [])
     if not isinstance(entries, list) or not entries:
         raise SettingsError(f"{where}: no [[tenant]]")
-    return [_entry(entry, f"{where}: tenant #{i + 1}") for i, entry in enumerate(entries)]
+    return [_entry(entry, f"{where}: [[tenant]] {i + 1}") for i, entry in enumerate(entries)]
 
 
 def _entry(entry: dict[str, Any], where: str) -> tuple[Tenant, list[bytes]]:
-    unknown = sorted(set(entry) - _FIELDS)
-    if unknown:
-        raise SettingsError(f"{where}: unknown field {unknown[0]!r}")
     name = entry.get("name")
     if not isinstance(name, str):
         raise SettingsError(f"{where}: name must be a string")
     where = f"{where} ({name!r})"
+    unknown = sorted(set(entry) - _FIELDS)
+    if unknown:
+        raise SettingsError(f"{where}: unknown field {unknown[0]!r}")
     digests = entry.get("key_sha256")
     if not isinstance(digests, list) or not digests:
         raise SettingsError(f"{where}: key_sha256 must be a list of at least one digest")

@@ -63,10 +63,10 @@ def test_without_any_key_everyone_is_the_anonymous_tenant() -> None:
         ("not [ toml", "not TOML"),
         ("[other]\nx = 1\n", "unknown table 'other'"),
         ("", "no [[tenant]]"),
-        # Found before the name is read: the entry's place names it.
-        (entry("ok", OLD, extra="colour = 1"), "tenant #1: unknown field 'colour'"),
-        ('[[tenant]]\nname = 5\nkey_sha256 = ["x"]\n', "tenant #1: name must be a string"),
-        (entry("Bad_Name", OLD), "tenant #1 ('Bad_Name'): tenant name"),
+        # The entry's place names it, and its name once read.
+        (entry("ok", OLD, extra="colour = 1"), "[[tenant]] 1 ('ok'): unknown field 'colour'"),
+        ('[[tenant]]\nname = 5\nkey_sha256 = ["x"]\n', "[[tenant]] 1: name must be a string"),
+        (entry("Bad_Name", OLD), "[[tenant]] 1 ('Bad_Name'): tenant name"),
         ('[[tenant]]\nname = "a"\nkey_sha256 = []\n', "('a'): key_sha256 must be a list"),
         ('[[tenant]]\nname = "a"\nkey_sha256 = ["ABC"]\n', "('a'): key_sha256 entries must be 64"),
         (entry("a", OLD, extra="requests_per_minute = -1"), "('a'): tenant 'a': quotas must be >= 0"),
