@@ -523,7 +523,7 @@ def test_a_stopped_worker_finishes_its_jobs_and_leaves_the_queued_ones_to_anothe
     # Released: the stopping worker finishes what it ran, and exits 0.
     assert victim.process.wait(timeout=WAIT_S) == 0
     log = victim.log_path.read_text(errors="replace")
-    by_victim = {job_id for job_id in running if f"job {job_id} succeeded" in log}
+    by_victim = {job_id for job_id in running if f"job {job_id} (tenant default) succeeded" in log}
     assert len(by_victim) == WORKER_THREADS, log[-3000:]
     for job in jobs:
         done = cluster.finished(job["id"], a)
