@@ -86,6 +86,17 @@ class Scene:
     batch: list[Answer]  # the batch work queued before it, in order
     steps: float  # the model's step counter before the hold was released
 
+    def describe(self) -> str:
+        """Where things stand, for a failure's message."""
+        answered = "".join("+" if a.ok() else ("x" if a.done.is_set() else ".") for a in self.batch)
+        return (
+            f"steps {diffusion_steps(self.triton) - self.steps:g} since the release "
+            f"(a full pass and a held step: {BATCH_AHEAD * STEPS + 1}), "
+            f"{diffusion_pending(self.triton):g} pending, request "
+            f"{'answered' if self.request.done.is_set() else 'waiting'} ({self.request.error}), "
+            f"batch work answered [{answered}]"
+        )
+
     def next_pass_held(self) -> bool:
         """A full pass ran since the release, and the pass after holds at its first step."""
         return diffusion_steps(self.triton) >= self.steps + BATCH_AHEAD * STEPS + 1
@@ -139,11 +150,15 @@ def ran_ahead(triton: TritonServer, send: Send) -> None:
     first pass and nothing would be answered: the wait would run out.)"""
     with behind_batch_work(triton, send, holds_itself=False) as scene:
         request, batch = scene.request, scene.batch
-        wait_until(
-            lambda: scene.next_pass_held() and request.done.is_set()
-            and all(a.done.is_set() for a in batch[:-1]),
-            "the request ran in the first pass, ahead of the last batch request queued before it",
-        )
+        try:
+            wait_until(
+                lambda: scene.next_pass_held() and request.done.is_set()
+                and all(a.done.is_set() for a in batch[:-1]),
+                "the request ran in the first pass, ahead of the last batch request queued "
+                "before it",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {scene.describe()}") from None
         assert request.error is None, request.error
         assert [a.ok() for a in batch] == [True] * (BATCH_AHEAD - 1) + [False]
         assert diffusion_pending(triton) == 0
