@@ -47,14 +47,17 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from embedded.process import free_port
 from embedded.redis import JobWorker
 from embedded.stack import LocalStack
+from gateway.jobs.queue import NAMESPACE, tenant_queue
 from gateway.jobs.store import PREFIX, QUEUED
+from gateway.tenants.tenant import ANONYMOUS
 from harness.httpserver import BackgroundHTTPServer
 from harness.load import object_reader, request_body
 
 # Receivers verify with this; generated once for the run, as an operator would.
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"harness webhook secret, 32 bytes").decode()
-# Dramatiq's list of waiting message ids for the jobs queue (gateway.jobs.queue's names).
-BROKER_QUEUE = "imagegen-queue:jobs"
+# Dramatiq's list of waiting message ids for the local stack's jobs: every request there is the
+# anonymous tenant's (no key), whose jobs wait in that tenant's queue.
+BROKER_QUEUE = f"{NAMESPACE}:{tenant_queue(ANONYMOUS)}"
 MIB = 1024 * 1024
 
 
