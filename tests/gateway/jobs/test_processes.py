@@ -45,6 +45,7 @@ from gateway.jobs.queue import JOBS, NAMESPACE, tenant_queue
 from gateway.jobs.store import QUEUED, UNCONFIRMED_S
 from gateway.tenants.tenant import DEFAULT
 from tests.gateway.faults import FaultServer
+from tests.gateway.jobs.helpers import SHAPE, WAIT_S
 from tests.gateway.process import GunicornGateway, request
 from tests.models.helpers import DIFFUSION, diffusion_held, diffusion_pending, metric, settled
 
@@ -57,16 +58,6 @@ REDIS_TIMEOUT_S = 1.0
 STORE_ANSWER_LIMIT_S = 3 * REDIS_TIMEOUT_S + 2
 WORKER_THREADS = 2
 FINAL = {"succeeded", "failed", "canceled"}
-SHAPE = {
-    "prompt": "a lighthouse at dusk",
-    "width": 64,
-    "height": 64,
-    "num_inference_steps": 1,
-    "upscale": False,
-    "enable_nsfw_check": False,
-}
-# Long enough for any wait here on a loaded machine; only a test that would hang reaches it.
-WAIT_S = 180.0
 
 
 def poll(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:

@@ -35,6 +35,7 @@ from embedded.triton import TritonServer
 from gateway.tenants.concurrency import Concurrency
 from gateway.tenants.quotas import POLICY, WINDOW_S
 from gateway.tenants.tenant import key_sha256
+from tests.gateway.jobs.helpers import SHAPE, WAIT_S
 from tests.gateway.process import GunicornGateway, request
 from tests.models.helpers import diffusion_held, diffusion_pending, metric, wait_until
 
@@ -42,16 +43,7 @@ LIMITED_KEY = "limited-" + uuid.uuid4().hex
 NEIGHBOUR_KEY = "neighbour-" + uuid.uuid4().hex
 PAIR_KEY = "pair-" + uuid.uuid4().hex
 KEYS = (LIMITED_KEY, NEIGHBOUR_KEY, PAIR_KEY)
-SHAPE = {
-    "prompt": "a lighthouse at dusk",
-    "width": 64,
-    "height": 64,
-    "num_inference_steps": 1,
-    "upscale": False,
-    "enable_nsfw_check": False,
-}
 PLAIN = {**SHAPE, "response_format": "b64_json"}
-WAIT_S = 180.0
 
 
 def bearer(key: str) -> dict[str, str]:
