@@ -47,7 +47,7 @@ FULL = [
               {"txt2img": ModelState(True)}, {"diffusion": {"kind": "X", "demo": "true"}}, True,
               GenerationLimits.from_settings(Settings()), ["a problem"], StoreStatus.UP),
     # A job that failed its upload: both data and error are set.
-    JobObject("job_" + "A" * 32, JobStatus.FAILED, "2026-12-02T10:00:00.000Z",
+    JobObject("job_" + "A" * 32, "storefront", JobStatus.FAILED, "2026-12-02T10:00:00.000Z",
               "2026-12-02T10:00:01.000Z", "2026-12-02T10:00:09.000Z",
               to_json(S3Data(s3_url="u", s3_upload_status=500, **SCORES)),
               to_json(ErrorDetail("upload_failed", "upload failed", None)),
