@@ -17,6 +17,7 @@ nothing depends on how fast the machine runs the passes.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,12 +43,23 @@ from tests.models.helpers import (
     wait_until,
 )
 
+log = logging.getLogger(__name__)
+
 # Every request here has this many steps (and 64x64, default guidance), so they share passes;
 # more than one, or the test hook cannot hold a pass.
 STEPS = 2
 # One full pass of batch work waits ahead of the request under test.
 BATCH_AHEAD = model_config(DIFFUSION).max_batch_size
 HOLD_PARAMETERS = {HOLD: True, TIMEOUT_MS: HOLD_LIMIT_MS}
+# In full-suite runs, after other tests had cancelled calls on the session's Triton, one queued
+# batch request (the second of eight, in both variants that failed) came back with an error
+# though nothing had ended it; never in a run of these tests alone. Triton 2.51's gRPC frontend
+# has corner cases where a cancellation meets a call state being reused (some fixed after 24.10,
+# triton-inference-server/server#7840), the likely cause. One lost request shifts every pass by
+# one, the holder joins the first, and the scene can no longer tell anything; it cannot hide a
+# wrong order, where nothing is answered at all. Such a scene is set again, at most this many
+# times in all, each one logged.
+SCENE_ATTEMPTS = 3
 # Sends the request under test, reporting to the Answer it is given; returns the call when it is
 # one the test can cancel (a direct one), else None.
 Send = Callable[["Answer"], "Cancellable | None"]
@@ -89,13 +101,18 @@ class Scene:
     def describe(self) -> str:
         """Where things stand, for a failure's message."""
         answered = "".join("+" if a.ok() else ("x" if a.done.is_set() else ".") for a in self.batch)
+        errors = {str(a.error) for a in self.batch if a.error is not None}
         return (
             f"steps {diffusion_steps(self.triton) - self.steps:g} since the release "
             f"(a full pass and a held step: {BATCH_AHEAD * STEPS + 1}), "
             f"{diffusion_pending(self.triton):g} pending, request "
             f"{'answered' if self.request.done.is_set() else 'waiting'} ({self.request.error}), "
-            f"batch work answered [{answered}]"
+            f"batch work answered [{answered}] {sorted(errors)}"
         )
+
+    def spoiled(self) -> bool:
+        """Triton ended a batch request that nobody ended (see SCENE_ATTEMPTS)."""
+        return any(a.done.is_set() and a.error is not None for a in self.batch[:-1])
 
     def next_pass_held(self) -> bool:
         """A full pass ran since the release, and the pass after holds at its first step."""
@@ -148,30 +165,62 @@ def ran_ahead(triton: TritonServer, send: Send) -> None:
     queued before it: answered with all but the last batch request while that one holds the
     pass after, nothing else queued. (Were it behind, the last batch request would hold the
     first pass and nothing would be answered: the wait would run out.)"""
-    with behind_batch_work(triton, send, holds_itself=False) as scene:
+
+    def check(scene: Scene) -> None:
         request, batch = scene.request, scene.batch
-        try:
-            wait_until(
-                lambda: scene.next_pass_held() and request.done.is_set()
-                and all(a.done.is_set() for a in batch[:-1]),
-                "the request ran in the first pass, ahead of the last batch request queued "
-                "before it",
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; {scene.describe()}") from None
         assert request.error is None, request.error
         assert [a.ok() for a in batch] == [True] * (BATCH_AHEAD - 1) + [False]
         assert diffusion_pending(triton) == 0
+
+    _scene(
+        triton, send, holds_itself=False,
+        reached=lambda scene: scene.next_pass_held() and scene.request.done.is_set()
+        and all(a.done.is_set() for a in scene.batch[:-1]),
+        what="the request ran in the first pass, ahead of the last batch request queued before it",
+        check=check,
+    )
 
 
 def waited_behind(triton: TritonServer, send: Send) -> None:
     """Asserts that `send`'s request (holding its own pass) waits for the batch work queued
     before it: every batch request answered while the request holds the pass after. (Were it
     ahead, it would hold the first pass and no batch request would be answered.)"""
-    with behind_batch_work(triton, send, holds_itself=True) as scene:
-        request, batch = scene.request, scene.batch
-        wait_until(lambda: scene.next_pass_held() and all(a.done.is_set() for a in batch),
-                   "the batch work queued before the request ran in the first pass")
-        assert [a.ok() for a in batch] == [True] * BATCH_AHEAD
-        assert not request.done.is_set(), request.error
+
+    def check(scene: Scene) -> None:
+        assert [a.ok() for a in scene.batch] == [True] * BATCH_AHEAD
+        assert not scene.request.done.is_set(), scene.request.error
         assert diffusion_pending(triton) == 0
+
+    _scene(
+        triton, send, holds_itself=True,
+        reached=lambda scene: scene.next_pass_held() and all(a.done.is_set() for a in scene.batch),
+        what="the batch work queued before the request ran in the first pass",
+        check=check,
+    )
+
+
+def _scene(
+    triton: TritonServer,
+    send: Send,
+    *,
+    holds_itself: bool,
+    reached: Callable[[Scene], bool],
+    what: str,
+    check: Callable[[Scene], None],
+) -> None:
+    """Sets the scene, waits until it `reached` its end state, then `check`s it; a scene Triton
+    spoiled is set again (SCENE_ATTEMPTS)."""
+    for attempt in range(1, SCENE_ATTEMPTS + 1):
+        with behind_batch_work(triton, send, holds_itself=holds_itself) as scene:
+            try:
+                wait_until(lambda: reached(scene) or scene.spoiled(), what)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; {scene.describe()}") from None
+            if scene.spoiled() and attempt < SCENE_ATTEMPTS:
+                log.warning("priority scene spoiled by Triton, set again: %s", scene.describe())
+                # The holder must reach the model, which alone counts its cancel.
+                wait_until(lambda: diffusion_pending(triton) == 0, "the queue emptied")
+                continue
+            assert not scene.spoiled(), f"Triton spoiled every scene; {scene.describe()}"
+            check(scene)
+            return
