@@ -134,12 +134,7 @@ class JobRunner:
         settings = services.settings
         self.tenants = tenants if tenants is not None else Tenants.from_settings(settings)
         # Who runs a job of a tenant no longer in the file (see the module's docstring).
-        self.fallback = self.tenants.by_name.get(DEFAULT) or Tenant(
-            DEFAULT,
-            requests_per_minute=settings.default_requests_per_minute,
-            max_concurrent=settings.default_max_concurrent,
-            priority=settings.default_priority,
-        )
+        self.fallback = self.tenants.by_name.get(DEFAULT) or Tenant.from_defaults(DEFAULT, settings)
         self.concurrency = Concurrency(store.client)
         self.lease_s = settings.job_deadline_s + settings.longest_request_s
         services.metrics.track_tenant_jobs(self.queue_tenants)

@@ -49,6 +49,16 @@ class Tenant:
         if self.requests_per_minute < 0 or self.max_concurrent < 0:
             raise ValueError(f"tenant {self.name!r}: quotas must be >= 0 (0: no limit)")
 
+    @classmethod
+    def from_defaults(cls, name: str, settings: Settings) -> Tenant:
+        """A tenant with the GATEWAY_DEFAULT_* quotas and priority (`default`, `anonymous`)."""
+        return cls(
+            name,
+            requests_per_minute=settings.default_requests_per_minute,
+            max_concurrent=settings.default_max_concurrent,
+            priority=settings.default_priority,
+        )
+
 
 class Tenants:
     """Every tenant, and which one a key belongs to.
@@ -64,12 +74,7 @@ class Tenants:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tenants:
-        default = Tenant(
-            DEFAULT,
-            requests_per_minute=settings.default_requests_per_minute,
-            max_concurrent=settings.default_max_concurrent,
-            priority=settings.default_priority,
-        )
+        default = Tenant.from_defaults(DEFAULT, settings)
         keyed = [(_digest(key), default) for key in _settings_keys(settings)]
         tenants = [default] if keyed else []
         if settings.tenants_file is not None:
@@ -84,13 +89,7 @@ class Tenants:
             raise SettingsError(f"{_SETTING}: a key belongs to two tenants")
         if not keyed:
             # No key anywhere: everyone is one tenant (the local stack's anonymous access).
-            anonymous = Tenant(
-                ANONYMOUS,
-                requests_per_minute=settings.default_requests_per_minute,
-                max_concurrent=settings.default_max_concurrent,
-                priority=settings.default_priority,
-            )
-            return cls([], (anonymous,))
+            return cls([], (Tenant.from_defaults(ANONYMOUS, settings),))
         return cls(keyed, tuple(tenants))
 
     @property
