@@ -27,8 +27,8 @@ from gateway import Settings
 from gateway.jobs.queue import JOBS, NAMESPACE, tenant_queue
 from gateway.jobs.store import tenant_queued
 from gateway.tenants.concurrency import Concurrency
-from gateway.tenants.tenant import key_sha256
 from tests.gateway.jobs.helpers import WAIT_S, body, final_job, poll
+from tests.gateway.tenants.helpers import tenant_entry
 from tests.gateway.test_metrics import value
 from tests.models.helpers import DIFFUSION, diffusion_held, diffusion_pending, metric, model_config
 
@@ -81,8 +81,7 @@ class Stack:
 def tenants_file(tmp_path: Path) -> Path:
     path = tmp_path / "tenants.toml"
     path.write_text("".join(
-        f'[[tenant]]\nname = "{name}"\nkey_sha256 = ["{key_sha256(key)}"]\n'
-        f"max_concurrent = {CAP if name == 'capped' else 0}\n\n"
+        tenant_entry(name, key, max_concurrent=CAP if name == "capped" else 0)
         for name, key in KEYS.items()
     ))
     return path

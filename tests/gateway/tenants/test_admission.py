@@ -20,8 +20,9 @@ from gateway import Settings
 from gateway.settings import SettingsError
 from gateway.tenants.concurrency import Concurrency
 from gateway.tenants.quotas import POLICY
-from gateway.tenants.tenant import Tenant, key_sha256
+from gateway.tenants.tenant import Tenant
 from gateway.triton.contract import Priority
+from tests.gateway.tenants.helpers import tenant_entry
 
 RATED_KEY = "rated-" + "r" * 24
 PAIR_KEY = "pair-" + "p" * 24
@@ -35,21 +36,9 @@ def bearer(key: str) -> dict[str, str]:
 
 def write_tenants(path: Path) -> str:
     path.write_text(
-        f"""
-[[tenant]]
-name = "rated"
-key_sha256 = ["{key_sha256(RATED_KEY)}"]
-requests_per_minute = 3
-
-[[tenant]]
-name = "pair"
-key_sha256 = ["{key_sha256(PAIR_KEY)}"]
-max_concurrent = 2
-
-[[tenant]]
-name = "free"
-key_sha256 = ["{key_sha256(FREE_KEY)}"]
-""",
+        tenant_entry("rated", RATED_KEY, requests_per_minute=3)
+        + tenant_entry("pair", PAIR_KEY, max_concurrent=2)
+        + tenant_entry("free", FREE_KEY),
         "utf-8",
     )
     return str(path)
@@ -218,11 +207,7 @@ def test_a_tenants_generations_go_to_triton_at_its_priority(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path = tmp_path / "tenants.toml"
-    path.write_text(
-        f'[[tenant]]\nname = "night"\nkey_sha256 = ["{key_sha256(RATED_KEY)}"]\n'
-        'priority = "batch"\n',
-        "utf-8",
-    )
+    path.write_text(tenant_entry("night", RATED_KEY, priority="batch"), "utf-8")
     app = make_app(triton_settings.replace(
         tenants_file=str(path), api_keys=(FREE_KEY,), redis_url=redis_url
     ))

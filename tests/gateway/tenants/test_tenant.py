@@ -12,6 +12,7 @@ from gateway import Settings
 from gateway.settings import SettingsError
 from gateway.tenants.tenant import ANONYMOUS, DEFAULT, Tenants, key_sha256
 from gateway.triton.contract import Priority
+from tests.gateway.tenants.helpers import tenant_entry
 
 OLD, NEW, OTHER = "old-" + "o" * 20, "new-" + "n" * 20, "oth-" + "t" * 20
 
@@ -22,15 +23,10 @@ def tenants(tmp_path: Path, text: str, **settings: object) -> Tenants:
     return Tenants.from_settings(Settings(tenants_file=str(path), **settings))  # type: ignore[arg-type]
 
 
-def entry(name: str, *keys: str, extra: str = "") -> str:
-    digests = ", ".join(f'"{key_sha256(k)}"' for k in keys)
-    return f'[[tenant]]\nname = "{name}"\nkey_sha256 = [{digests}]\n{extra}\n'
-
-
 def test_a_file_of_tenants_with_rotation_and_the_settings_keys_as_default(tmp_path: Path) -> None:
     found = tenants(
         tmp_path,
-        entry("storefront", OLD, NEW, extra='requests_per_minute = 120\nmax_concurrent = 8\n'
+        tenant_entry("storefront", OLD, NEW, extra='requests_per_minute = 120\nmax_concurrent = 8\n'
               'priority = "batch"'),
         api_keys=(OTHER,), default_requests_per_minute=5,
     )
@@ -64,18 +60,18 @@ def test_without_any_key_everyone_is_the_anonymous_tenant() -> None:
         ("[other]\nx = 1\n", "unknown table 'other'"),
         ("", "no [[tenant]]"),
         # The entry's place names it, and its name once read.
-        (entry("ok", OLD, extra="colour = 1"), "[[tenant]] 1 ('ok'): unknown field 'colour'"),
+        (tenant_entry("ok", OLD, extra="colour = 1"), "[[tenant]] 1 ('ok'): unknown field 'colour'"),
         ('[[tenant]]\nname = 5\nkey_sha256 = ["x"]\n', "[[tenant]] 1: name must be a string"),
-        (entry("Bad_Name", OLD), "[[tenant]] 1 ('Bad_Name'): tenant name"),
+        (tenant_entry("Bad_Name", OLD), "[[tenant]] 1 ('Bad_Name'): tenant name"),
         ('[[tenant]]\nname = "a"\nkey_sha256 = []\n', "('a'): key_sha256 must be a list"),
         ('[[tenant]]\nname = "a"\nkey_sha256 = ["ABC"]\n', "('a'): key_sha256 entries must be 64"),
-        (entry("a", OLD, extra="requests_per_minute = -1"), "('a'): tenant 'a': quotas must be >= 0"),
-        (entry("a", OLD, extra='max_concurrent = "2"'), "('a'): max_concurrent must be an integer"),
-        (entry("a", OLD, extra="max_concurrent = true"), "('a'): max_concurrent must be an integer"),
-        (entry("a", OLD, extra='priority = "urgent"'), "('a')"),
-        (entry("a", OLD) + entry("b", NEW) + entry("a", OTHER), "tenant 'a' is named twice"),
-        (entry("anonymous", OLD), "tenant 'anonymous' is named twice (or takes a reserved name)"),
-        (entry("a", OLD) + entry("b", OLD), "a key belongs to two tenants"),
+        (tenant_entry("a", OLD, extra="requests_per_minute = -1"), "('a'): tenant 'a': quotas must be >= 0"),
+        (tenant_entry("a", OLD, extra='max_concurrent = "2"'), "('a'): max_concurrent must be an integer"),
+        (tenant_entry("a", OLD, extra="max_concurrent = true"), "('a'): max_concurrent must be an integer"),
+        (tenant_entry("a", OLD, extra='priority = "urgent"'), "('a')"),
+        (tenant_entry("a", OLD) + tenant_entry("b", NEW) + tenant_entry("a", OTHER), "tenant 'a' is named twice"),
+        (tenant_entry("anonymous", OLD), "tenant 'anonymous' is named twice (or takes a reserved name)"),
+        (tenant_entry("a", OLD) + tenant_entry("b", OLD), "a key belongs to two tenants"),
     ],
 )
 def test_a_bad_file_is_refused_naming_the_setting_and_the_tenant(
@@ -90,9 +86,9 @@ def test_a_bad_file_is_refused_naming_the_setting_and_the_tenant(
 
 def test_the_default_tenants_name_is_taken_when_settings_hold_keys(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="tenant 'default' is named twice"):
-        tenants(tmp_path, entry("default", OLD), api_keys=(OTHER,))
+        tenants(tmp_path, tenant_entry("default", OLD), api_keys=(OTHER,))
     with pytest.raises(SettingsError, match="a key belongs to two tenants"):
-        tenants(tmp_path, entry("shop", OTHER), api_keys=(OTHER,))
+        tenants(tmp_path, tenant_entry("shop", OTHER), api_keys=(OTHER,))
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from gateway.tenants.quotas import POLICY, WINDOW_S
 from gateway.tenants.tenant import key_sha256
 from tests.gateway.jobs.helpers import SHAPE, WAIT_S
 from tests.gateway.process import GunicornGateway, request
+from tests.gateway.tenants.helpers import tenant_entry
 from tests.models.helpers import diffusion_held, diffusion_pending, metric, wait_until
 
 LIMITED_KEY = "limited-" + uuid.uuid4().hex
@@ -69,22 +70,9 @@ def pair(
     store.launch()
     tenants = run_dir / "tenants.toml"
     tenants.write_text(
-        f"""
-[[tenant]]
-name = "limited"
-key_sha256 = ["{key_sha256(LIMITED_KEY)}"]
-requests_per_minute = 6
-
-[[tenant]]
-name = "neighbour"
-key_sha256 = ["{key_sha256(NEIGHBOUR_KEY)}"]
-requests_per_minute = 100
-
-[[tenant]]
-name = "pair"
-key_sha256 = ["{key_sha256(PAIR_KEY)}"]
-max_concurrent = 2
-""",
+        tenant_entry("limited", LIMITED_KEY, requests_per_minute=6)
+        + tenant_entry("neighbour", NEIGHBOUR_KEY, requests_per_minute=100)
+        + tenant_entry("pair", PAIR_KEY, max_concurrent=2),
         "utf-8",
     )
     settings = {
