@@ -127,6 +127,9 @@ def _try_generate(page: Page, screenshot: Path | None = None) -> str:
     block = page.locator("#operations-default-post_generate")
     if not block.locator(".opblock-body").is_visible():
         block.locator(".opblock-summary").click()
+    # The buttons render with the expanded block ("Try it out", or "Cancel" and "Reset" once in
+    # that mode): wait for them rather than count at once, which read 0 before a slow render.
+    block.locator("button.try-out__btn").first.wait_for(timeout=30_000)
     try_it = block.locator("button.try-out__btn", has_text="Try it out")
     if try_it.count():  # not yet in "try it out" mode
         try_it.click()
